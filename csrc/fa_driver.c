@@ -1,0 +1,113 @@
+/* fa_driver.c: split an attention call into work items and run them on threads.
+ *
+ * A work item is (batch, head, block of query rows). Items are ordered by their visible key count,
+ * largest first, and handed out dynamically, which balances causal (triangular) and varlen
+ * (ragged) work without knowing the thread count in advance. Each thread owns one scratch buffer.
+ * Kernels are single-threaded; all threading lives here.
+ */
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "fa_kernels.h"
+#include "fa_seq.h"
+
+static int num_threads = 0; /* 0: OpenMP default */
+
+void fa_set_num_threads(int n) { num_threads = n > 0 ? n : 0; }
+
+int fa_get_num_threads(void)
+{
+    if (num_threads > 0)
+        return num_threads;
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+typedef struct {
+    int64_t cost;
+    int64_t bi, h, q0;
+} fa_item;
+
+static int by_cost_desc(const void *a, const void *b)
+{
+    const fa_item *x = a, *y = b;
+    if (x->cost != y->cost)
+        return x->cost > y->cost ? -1 : 1;
+    /* Tie-break on position so the order (not the results, which never depend on it) is stable. */
+    if (x->bi != y->bi)
+        return x->bi < y->bi ? -1 : 1;
+    if (x->h != y->h)
+        return x->h < y->h ? -1 : 1;
+    return x->q0 < y->q0 ? -1 : x->q0 > y->q0;
+}
+
+/* Keys visible to rows [q0, q0 + n): the item's cost estimate. */
+static int64_t item_cost(const fa_fwd_params *p, const fa_seq *s, int64_t q0, int64_t n)
+{
+    int64_t lo0, hi0, lo1, hi1;
+    fa_row_band(p, s, q0, &lo0, &hi0);
+    fa_row_band(p, s, q0 + n - 1, &lo1, &hi1);
+    int64_t lo = lo0 < lo1 ? lo0 : lo1, hi = hi0 > hi1 ? hi0 : hi1;
+    return n * (hi > lo ? hi - lo : 0) + 1;
+}
+
+fa_status fa_fwd(const fa_fwd_params *p)
+{
+    const fa_isa_table *t = fa_isa_current();
+    const fa_fwd_kernel *k = p->dtype == FA_F64 ? &t->fwd_f64 : &t->fwd_f32;
+    if (!k->item)
+        return FA_ERR_ISA;
+    const int64_t br = k->block_rows;
+
+    int64_t n = 0;
+    for (int64_t bi = 0; bi < p->b; bi++) {
+        fa_seq s = fa_seq_of(p, bi);
+        n += (s.sq + br - 1) / br * p->h;
+    }
+    if (n == 0)
+        return FA_OK;
+    fa_item *items = malloc((size_t)n * sizeof(fa_item));
+    if (!items)
+        return FA_ERR_NOMEM;
+    int64_t at = 0;
+    for (int64_t bi = 0; bi < p->b; bi++) {
+        fa_seq s = fa_seq_of(p, bi);
+        for (int64_t q0 = 0; q0 < s.sq; q0 += br) {
+            int64_t rows = s.sq - q0 < br ? s.sq - q0 : br;
+            int64_t cost = item_cost(p, &s, q0, rows);
+            for (int64_t h = 0; h < p->h; h++)
+                items[at++] = (fa_item){cost, bi, h, q0};
+        }
+    }
+    qsort(items, (size_t)n, sizeof(fa_item), by_cost_desc);
+
+    const size_t bytes = (k->scratch_bytes(p) + 63) / 64 * 64;
+    int nt = fa_get_num_threads();
+    if (nt > n)
+        nt = (int)n;
+    volatile int failed = FA_OK;
+#pragma omp parallel num_threads(nt)
+    {
+        void *buf = aligned_alloc(64, bytes);
+        if (!buf) {
+            failed = FA_ERR_NOMEM;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < n; it++) {
+            if (!buf)
+                continue;
+            fa_status st = k->item(p, items[it].bi, items[it].h, items[it].q0, buf);
+            if (st != FA_OK)
+                failed = st;
+        }
+        free(buf);
+    }
+    free(items);
+    return (fa_status)failed;
+}

@@ -1,0 +1,14 @@
+/* fa_fwd__avx2.c: the forward kernel (fa_fwd_impl.h) built for AVX2 + FMA (+F16C): 8 float lanes, 4x2-vector register tiles.
+ * Blocks: 64 query rows per work item, 64 keys per block, so a K block (64 x d floats) and the
+ * register tiles' panel of V fit in L1 for d <= 128. */
+#include "fa_kernels.h"
+#define FA_BR FA_FWD_BLOCK_ROWS
+#define FA_BC 64
+#define FA_MR 4
+#define FA_NR 2
+
+#define FA_ACC float
+#define FA_ACC_IS_DOUBLE 0
+#define FA_VBYTES 32
+#define FA_NAME(x) fa_fwd_f32__avx2_##x
+#include "fa_fwd_impl.h"

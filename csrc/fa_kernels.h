@@ -1,0 +1,61 @@
+/* fa_kernels.h: the per-ISA kernel entry points and the dispatch table that selects among them.
+ *
+ * Naming follows "what__how": fa_fwd_f32__avx512 is the forward kernel with float32 accumulation
+ * (for f32/f16/bf16 inputs) in the AVX-512 build; the f64 variants serve float64 inputs.
+ */
+#ifndef FA_KERNELS_H
+#define FA_KERNELS_H
+
+#include <stddef.h>
+#include "fa_params.h"
+
+/* Query rows per forward work item, shared by every build so the driver can split work. */
+#define FA_FWD_BLOCK_ROWS 64
+
+/* Computes one work item: up to the kernel's block_rows query rows starting at q0 of (batch bi,
+ * head h). buf is scratch of fwd_scratch_bytes(p) bytes, 64-byte aligned. */
+typedef fa_status (*fa_fwd_item_fn)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q0,
+                                    void *buf);
+typedef size_t (*fa_scratch_fn)(const fa_fwd_params *p);
+
+typedef struct {
+    fa_fwd_item_fn item;
+    fa_scratch_fn scratch_bytes;
+    int block_rows;
+} fa_fwd_kernel;
+
+typedef struct {
+    const char *name;
+    fa_fwd_kernel fwd_f32; /* f32, f16, bf16 inputs */
+    fa_fwd_kernel fwd_f64; /* f64 inputs */
+} fa_isa_table;
+
+#define FA_DECLARE_ISA(isa)                                                                        \
+    fa_status fa_fwd_f32__##isa##_item(const fa_fwd_params *, int64_t, int64_t, int64_t, void *); \
+    size_t fa_fwd_f32__##isa##_scratch(const fa_fwd_params *);                                    \
+    fa_status fa_fwd_f64__##isa##_item(const fa_fwd_params *, int64_t, int64_t, int64_t, void *); \
+    size_t fa_fwd_f64__##isa##_scratch(const fa_fwd_params *);
+
+FA_DECLARE_ISA(scalar)
+FA_DECLARE_ISA(avx2)
+FA_DECLARE_ISA(avx512)
+
+/* ---- dispatch (fa_dispatch.c) ---- */
+typedef enum { FA_ISA_SCALAR = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2, FA_ISA_AMX = 3, FA_ISA_COUNT } fa_isa;
+
+/* Which ISAs this CPU and OS support (bit i = fa_isa i). */
+unsigned fa_isa_supported(void);
+/* Which ISAs this build compiled kernels for. */
+unsigned fa_isa_compiled(void);
+const char *fa_isa_name(fa_isa isa);
+/* Select the kernel family; returns 0 on success, -1 if unsupported by CPU/OS/build. */
+int fa_isa_select(fa_isa isa);
+fa_isa fa_isa_selected(void);
+const fa_isa_table *fa_isa_current(void);
+
+/* ---- driver (fa_driver.c) ---- */
+void fa_set_num_threads(int n);
+int fa_get_num_threads(void);
+fa_status fa_fwd(const fa_fwd_params *p);
+
+#endif

@@ -1,0 +1,136 @@
+/* fa_vec.h: the small vector vocabulary the kernel templates are written in.
+ *
+ * Included by one translation unit per ISA after defining
+ *   FA_ACC     float or double: the accumulator type
+ *   FA_VBYTES  vector width in bytes (sizeof(FA_ACC) for the scalar build, 32 AVX2, 64 AVX-512)
+ * GCC vector extensions lower these types to the registers the TU's -m flags allow, so one
+ * kernel source serves every ISA and the scalar build stays the plain-C oracle.
+ *
+ * exp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a Taylor polynomial of degree
+ * 7 (float; truncation error < 6e-9 relative, total error within 2 ulp) or 13 (double; < 5e-18)
+ * and scaling by 2^n through the exponent bits. The kernels only ever call it with x <= 0 (scores
+ * minus their running max), so the argument is clamped to [EXP_LO, 0] and anything below EXP_LO
+ * (including -inf) returns exactly 0.
+ */
+#ifndef FA_VEC_H
+#define FA_VEC_H
+
+#include <stdint.h>
+#include <string.h>
+
+typedef FA_ACC acc_t;
+#define VLEN ((int)(FA_VBYTES / sizeof(acc_t)))
+
+#if FA_ACC_IS_DOUBLE
+typedef int64_t acci_t;
+#else
+typedef int32_t acci_t;
+#endif
+
+typedef acc_t vec_t __attribute__((vector_size(FA_VBYTES), aligned(sizeof(acc_t))));
+typedef acci_t veci_t __attribute__((vector_size(FA_VBYTES), aligned(sizeof(acc_t))));
+
+#define FA_INLINE static inline __attribute__((always_inline))
+
+FA_INLINE vec_t vload(const acc_t *p) { return *(const vec_t *)p; }
+FA_INLINE void vstore(acc_t *p, vec_t v) { *(vec_t *)p = v; }
+FA_INLINE vec_t vsplat(acc_t x) { return (vec_t){0} + x; }
+
+FA_INLINE vec_t viota(void)
+{
+    vec_t v;
+    for (int i = 0; i < VLEN; i++)
+        v[i] = (acc_t)i;
+    return v;
+}
+
+/* Lane-wise select: m is all-ones or all-zeros per lane (the result of a vector comparison). */
+FA_INLINE vec_t vsel(veci_t m, vec_t a, vec_t b)
+{
+    return (vec_t)((m & (veci_t)a) | (~m & (veci_t)b));
+}
+
+FA_INLINE vec_t vmax(vec_t a, vec_t b) { return vsel(a > b, a, b); }
+
+FA_INLINE acc_t vhmax(vec_t v)
+{
+    acc_t m = v[0];
+    for (int i = 1; i < VLEN; i++)
+        m = v[i] > m ? v[i] : m;
+    return m;
+}
+
+FA_INLINE acc_t vhsum(vec_t v)
+{
+    acc_t s = 0;
+    for (int i = 0; i < VLEN; i++)
+        s += v[i];
+    return s;
+}
+
+#if FA_ACC_IS_DOUBLE
+#define EXP_LO (-708.0)
+FA_INLINE vec_t vexp_nonpos(vec_t x)
+{
+    const acc_t magic = 6755399441055744.0; /* 1.5 * 2^52: adding it rounds to an integer */
+    veci_t under = x < (acc_t)EXP_LO;
+    x = vsel(under, vsplat(EXP_LO), x);
+    vec_t t = x * 1.4426950408889634 + magic;
+    vec_t n = t - magic;
+    vec_t r = x - n * 6.93147180369123816490e-01; /* ln2 split in two (Cody-Waite) */
+    r = r - n * 1.90821492927058770002e-10;
+    vec_t y = vsplat(1.0 / 6227020800.0);
+    static const double c[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                 1.0 / 362880.0,    1.0 / 40320.0,    1.0 / 5040.0,
+                                 1.0 / 720.0,       1.0 / 120.0,      1.0 / 24.0,
+                                 1.0 / 6.0,         0.5,              1.0,
+                                 1.0};
+    for (int i = 0; i < 13; i++)
+        y = y * r + c[i];
+    veci_t bits = ((veci_t)t - (veci_t)vsplat(magic) + 1023) << 52;
+    y = y * (vec_t)bits;
+    return vsel(under, vsplat(0), y);
+}
+#else
+#define EXP_LO (-87.0f)
+FA_INLINE vec_t vexp_nonpos(vec_t x)
+{
+    const acc_t magic = 12582912.0f; /* 1.5 * 2^23 */
+    veci_t under = x < EXP_LO;
+    x = vsel(under, vsplat(EXP_LO), x);
+    vec_t t = x * 1.44269504f + magic;
+    vec_t n = t - magic;
+    vec_t r = x - n * 0.693359375f; /* ln2 = 0.693359375 - 2.12194440e-4 (Cody-Waite) */
+    r = r + n * 2.12194440e-4f;
+    vec_t y = vsplat(1.0f / 5040.0f);
+    y = y * r + 1.0f / 720.0f;
+    y = y * r + 1.0f / 120.0f;
+    y = y * r + 1.0f / 24.0f;
+    y = y * r + 1.0f / 6.0f;
+    y = y * r + 0.5f;
+    y = y * r + 1.0f;
+    y = y * r + 1.0f;
+    veci_t bits = ((veci_t)t - (veci_t)vsplat(magic) + 127) << 23;
+    y = y * (vec_t)bits;
+    return vsel(under, vsplat(0), y);
+}
+#endif
+
+/* Scalar exp for x <= 0 through the vector one, so scalar and vector paths round alike. */
+FA_INLINE acc_t sexp_nonpos(acc_t x)
+{
+    vec_t v = vexp_nonpos(vsplat(x));
+    return v[0];
+}
+
+/* tanh through exp(-2|y|): tanh(|y|) = (1 - t) / (1 + t). */
+FA_INLINE vec_t vtanh(vec_t y)
+{
+    veci_t neg = y < (acc_t)0;
+    vec_t a = vsel(neg, -y, y);
+    vec_t t = vexp_nonpos(a * (acc_t)-2);
+    vec_t r = ((acc_t)1 - t) / ((acc_t)1 + t);
+    return vsel(neg, -r, r);
+}
+
+#endif

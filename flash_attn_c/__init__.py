@@ -1,0 +1,29 @@
+"""flash_attn_c: exact FlashAttention on x86-64 CPUs.
+
+C kernels (scalar, AVX2, AVX-512; chosen at import) behind flash-attn 2.8 and torch_npu compatible
+functions on NumPy arrays. See README.md for the API table and flash_attn_c.testing for verifying
+other implementations against flash_attn_c.reference.
+"""
+from ._runtime import cpu_info, get_num_threads, set_num_threads, set_isa, bfloat16
+from ._rng import manual_seed
+from .flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_fwd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_fwd",
+    "manual_seed",
+    "cpu_info",
+    "set_num_threads",
+    "get_num_threads",
+    "set_isa",
+    "bfloat16",
+]

@@ -1,0 +1,58 @@
+"""The single funnel from every front-end to the forward kernel.
+
+Front-ends (flash-attn, varlen, kvcache, torch_npu) turn their arguments into (batch, row, head,
+dim) views and kernel options; this module allocates the outputs and calls the C binding. It does
+no layout copies: views in, views out.
+"""
+import numpy as np
+
+from . import _C
+from ._runtime import empty
+
+UNBOUNDED = None  # an open side of the visible-key band
+
+
+def flash_window(window_size, causal, sk_bound):
+    """flash-attn 2.8's window normalization (specs/flash_attn_api.md 2.3): returns the kernel's
+    (left, right) band bounds, None for unbounded.
+
+    Values >= sk_bound mean unbounded; causal forces right = 0; a one-sided window keeps flash-attn's
+    convention of bounding the open side by sk_bound (only visible when sq > 2 * sk)."""
+    left, right = window_size
+    if left >= sk_bound:
+        left = -1
+    if right >= sk_bound:
+        right = -1
+    if causal:
+        right = 0
+    if left < 0 and right < 0:
+        return UNBOUNDED, UNBOUNDED
+    if left < 0:
+        return (UNBOUNDED if right == 0 else sk_bound), right
+    if right < 0:
+        return left, sk_bound
+    return left, right
+
+
+def forward(q, k, v, *, scale, out_shape, lse_shape, varlen=False, softcap=0.0, left=None,
+            right=None, anchor_br=True, alibi=None, dropout_p=0.0, seed=0, offset=0,
+            s_dmask_shape=None, **extra):
+    """Run the forward kernel.
+
+    q: (b, sq, h, d) view, or (total_q, h, d) when varlen; k, v: (b, sk, hk, d) (or packed/paged as
+    the extra index arguments say). Returns (out, lse, s_dmask or None) with out of out_shape
+    (C-contiguous, viewed as q's shape for the kernel) and lse of lse_shape.
+    """
+    acc = np.float64 if q.dtype == np.float64 else np.float32
+    out = empty(out_shape, q.dtype)
+    lse = empty(lse_shape, acc)
+    s_dmask = np.zeros(s_dmask_shape, np.float32) if s_dmask_shape is not None else None
+    if varlen:
+        q4, out4, lse3 = q[None], out.reshape((1,) + q.shape), lse[None]
+        k4, v4 = (k, v) if k.ndim == 4 else (k[None], v[None])
+    else:
+        q4, out4, lse3, k4, v4 = q, out.reshape(q.shape), lse, k, v
+    _C.fwd(q4, k4, v4, out4, lse3, scale=scale, softcap=softcap, left=left, right=right,
+           anchor_br=anchor_br, alibi=alibi, dropout_p=dropout_p, seed=seed, offset=offset,
+           s_dmask=s_dmask, **extra)
+    return out, lse, s_dmask

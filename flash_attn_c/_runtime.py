@@ -1,0 +1,73 @@
+"""Process-wide runtime state: the C extension, kernel-family selection, threads, allocation.
+
+The kernel family is chosen once at import: FLASH_ATTN_C_ISA if set (an error if this CPU or
+build lacks it), else the fastest one the CPU supports. FLASH_ATTN_C_NUM_THREADS sets the default
+thread count (else OpenMP's default).
+"""
+import os
+
+import ml_dtypes
+import numpy as np
+
+from . import _C
+
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+_C.register_bfloat16(bfloat16)
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), bfloat16, np.dtype(np.float64))
+
+
+def _init():
+    isa = os.environ.get("FLASH_ATTN_C_ISA", "").strip().lower()
+    _C.select_isa(isa if isa else _C.best_isa())
+    threads = os.environ.get("FLASH_ATTN_C_NUM_THREADS", "").strip()
+    if threads:
+        try:
+            n = int(threads)
+        except ValueError:
+            raise ValueError(f"FLASH_ATTN_C_NUM_THREADS: expected a positive integer, got {threads!r}") from None
+        set_num_threads(n)
+
+
+def cpu_info():
+    """Kernel selection and threading: {'isa', 'supported', 'compiled', 'num_threads'}.
+
+    'isa' is the kernel family in use, 'supported' those this CPU and OS can run, 'compiled' those
+    this build contains.
+    """
+    return dict(_C.isa_state())
+
+
+def set_isa(name):
+    """Switch the kernel family for this process (as FLASH_ATTN_C_ISA does at import)."""
+    _C.select_isa(str(name).lower())
+
+
+def set_num_threads(n):
+    """Number of threads the kernels use (a positive integer)."""
+    import operator
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"num_threads: expected an integer, got {type(n).__name__}") from None
+    _C.set_num_threads(n)
+
+
+def get_num_threads():
+    """Number of threads the kernels use."""
+    return _C.get_num_threads()
+
+
+# Tests set this so that every output the library allocates starts as NaN: an element a kernel
+# forgot to write then fails the comparison instead of passing by luck.
+POISON_OUTPUTS = os.environ.get("FLASH_ATTN_C_POISON", "") == "1"
+
+
+def empty(shape, dtype):
+    """Allocate an output array (C-contiguous); NaN-filled when POISON_OUTPUTS is set."""
+    if POISON_OUTPUTS:
+        return np.full(shape, np.nan, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
+
+
+_init()

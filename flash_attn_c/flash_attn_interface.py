@@ -1,0 +1,133 @@
+"""flash-attn 2.8 compatible functions on NumPy arrays (API.md section 2 and 3).
+
+Same names, signatures, defaults and results as flash_attn.flash_attn_interface; the differences
+are documented in the README (S_dmask holds normalized probabilities; any head dim 1..512; float32
+and float64 accepted). These functions only validate and lay out arguments: the math is in C.
+"""
+import numpy as np
+
+from . import _rng
+from . import _validate as V
+from ._core import flash_window, forward
+
+
+def _check_qkv(q, k, v, *, varlen):
+    """Validate q/k/v (fixed (b, s, h, d) or varlen (t, h, d)); returns them with contiguous last
+    dims."""
+    nd, dims = (3, "(total, nheads, headdim)") if varlen else (4, "(batch, seqlen, nheads, headdim)")
+    q = V.as_array(q, "q")
+    k = V.as_array(k, "k")
+    v = V.as_array(v, "v")
+    V.check_float_dtype(q, "q")
+    V.check_same_dtype(k, "k", q)
+    V.check_same_dtype(v, "v", q)
+    V.check_ndim(q, "q", nd, dims.replace("seqlen", "seqlen_q"))
+    return q, k, v
+
+
+def _check_kv_shapes(q, k, v, *, varlen, paged=False):
+    kd = 4 if (paged or not varlen) else 3
+    kdims = ("(num_blocks, page_block_size, nheads_k, headdim)" if paged else
+             "(total_k, nheads_k, headdim)" if varlen else "(batch, seqlen_k, nheads_k, headdim)")
+    V.check_ndim(k, "k", kd, kdims)
+    V.check_ndim(v, "v", kd, kdims)
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: expected batch {q.shape[0]} (the batch of q), got {k.shape[0]}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k: expected head dim {q.shape[-1]} (the head dim of q), got {k.shape[-1]}")
+    V.head_dim(q.shape[-1])
+    V.gqa(q.shape[-2], k.shape[-2])
+    if not varlen and q.shape[0] < 1:
+        raise ValueError(f"q: batch size must be positive, got {q.shape[0]}")
+
+
+def _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
+             return_attn_probs, causal):
+    V.to_bool(causal, "causal")
+    V.to_bool(deterministic, "deterministic")
+    V.to_bool(return_attn_probs, "return_attn_probs")
+    return dict(
+        dropout_p=V.dropout(dropout_p),
+        scale=V.softmax_scale(softmax_scale, d),
+        window=V.int_pair(window_size, "window_size"),
+        softcap=V.softcap_value(softcap),
+        alibi=V.alibi(alibi_slopes, b, h),
+    )
+
+
+def _run_fixed(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+               deterministic, return_softmax, seed=None):
+    q, k, v = _check_qkv(q, k, v, varlen=False)
+    _check_kv_shapes(q, k, v, varlen=False)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+                 deterministic, return_softmax, causal)
+    seed, offset = _rng.resolve(seed) if (o["dropout_p"] > 0 or seed is not None) else (0, 0)
+    left, right = flash_window(o["window"], bool(causal), sk)
+    q, k, v = (V.last_dim_contiguous(x) for x in (q, k, v))
+    out, lse, s_dmask = forward(
+        q, k, v, scale=o["scale"], out_shape=q.shape, lse_shape=(b, h, sq), softcap=o["softcap"],
+        left=left, right=right, alibi=o["alibi"], dropout_p=o["dropout_p"], seed=seed,
+        offset=offset, s_dmask_shape=(b, h, sq, sk) if return_softmax else None)
+    return out, lse, s_dmask, _rng.as_rng_state(seed, offset)
+
+
+def _result(out, lse, s_dmask, return_attn_probs):
+    return (out, lse, s_dmask) if return_attn_probs else out
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Exact attention softmax(q k^T * scale) v on (batch, seqlen, nheads, headdim) arrays.
+
+    k/v may have fewer heads than q (GQA/MQA: query head i uses kv head i // (h // hk)). causal and
+    window_size are bottom-right aligned; softcap > 0 applies softcap * tanh(s / softcap); alibi
+    slopes (h,) or (b, h) add -slope * |i + sk - sq - j|. dropout_p > 0 drops probabilities with a
+    counter-based generator seeded by manual_seed. Returns out (b, sq, h, d), or with
+    return_attn_probs=True (out, softmax_lse (b, h, sq), S_dmask (b, h, sq, sk) float32 holding the
+    normalized probabilities with dropped entries negated).
+    """
+    out, lse, s_dmask, _ = _run_fixed(q, k, v, dropout_p, softmax_scale, causal, window_size,
+                                      softcap, alibi_slopes, deterministic, return_attn_probs)
+    return _result(out, lse, s_dmask, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              deterministic=False, return_attn_probs=False):
+    """flash_attn_func on qkv of shape (batch, seqlen, 3, nheads, headdim) (views, no copies)."""
+    qkv = V.as_array(qkv, "qkv")
+    V.check_ndim(qkv, "qkv", 5, "(batch, seqlen, 3, nheads, headdim)")
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected size 3 in dim 2, got shape {tuple(qkv.shape)}")
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale,
+                           causal, window_size, softcap, alibi_slopes, deterministic,
+                           return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                             deterministic=False, return_attn_probs=False):
+    """flash_attn_func on kv of shape (batch, seqlen_k, 2, nheads_k, headdim) (views, no copies)."""
+    kv = V.as_array(kv, "kv")
+    V.check_ndim(kv, "kv", 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    if kv.shape[2] != 2:
+        raise ValueError(f"kv: expected size 2 in dim 2, got shape {tuple(kv.shape)}")
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal,
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_fwd(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                   softcap=0.0, alibi_slopes=None, seed=None):
+    """Low-level forward: returns (out, softmax_lse, rng_state).
+
+    rng_state is an int64 (2,) array (seed, offset) that flash_attn_bwd uses to replay the dropout
+    mask. seed=None draws a fresh state from the global generator; an int seeds (seed, 0); a (2,)
+    array reuses an earlier rng_state.
+    """
+    out, lse, _, rng_state = _run_fixed(q, k, v, dropout_p, softmax_scale, causal, window_size,
+                                        softcap, alibi_slopes, False, False, seed=seed)
+    return out, lse, rng_state
