@@ -131,3 +131,129 @@ def flash_attn_fwd(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, win
     out, lse, _, rng_state = _run_fixed(q, k, v, dropout_p, softmax_scale, causal, window_size,
                                         softcap, alibi_slopes, False, False, seed=seed)
     return out, lse, rng_state
+
+
+# ---- variable-length batches ---------------------------------------------------------------------
+
+def _cu_seqlens(cu, name, rows):
+    cu = V.index_vector(cu, name)
+    if cu.shape[0] < 2:
+        raise ValueError(f"{name}: expected (batch + 1,) entries with batch >= 1, got {cu.shape[0]}")
+    if cu[0] != 0:
+        raise ValueError(f"{name}: must start at 0, got {cu[0]}")
+    if np.any(np.diff(cu) < 0):
+        raise ValueError(f"{name}: must be non-decreasing, got {cu.tolist()}")
+    if cu[-1] > rows:
+        raise ValueError(f"{name}: last entry {cu[-1]} exceeds the {rows} rows of the packed tensor")
+    return cu
+
+
+def _max_seqlen(m, name, cu):
+    m = V.to_int(m, name)
+    longest = int(np.diff(cu).max()) if cu.shape[0] > 1 else 0
+    if m < longest:
+        raise ValueError(f"{name}: {m} is smaller than the longest sequence ({longest}); it must be an upper bound")
+    return m
+
+
+def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                return_softmax, block_table=None, seed=None):
+    q, k, v = _check_qkv(q, k, v, varlen=True)
+    paged = block_table is not None
+    _check_kv_shapes(q, k, v, varlen=True, paged=paged)
+    total_q, h, d = q.shape
+    cu_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q)
+    b = cu_q.shape[0] - 1
+    extra = {}
+    if paged:
+        bt = V.index_vector(np.asarray(block_table).reshape(-1), "block_table", min_value=0)
+        bt_arr = V.as_array(block_table, "block_table")
+        V.check_ndim(bt_arr, "block_table", 2, "(batch, max_num_blocks_per_seq)")
+        if bt_arr.shape[0] != b:
+            raise ValueError(f"block_table: expected {b} rows (the batch of cu_seqlens_q), got {bt_arr.shape[0]}")
+        if bt.size and bt.max() >= k.shape[0]:
+            raise ValueError(f"block_table: entry {bt.max()} out of range for {k.shape[0]} blocks")
+        cu_k = V.index_vector(cu_seqlens_k, "cu_seqlens_k", b + 1, min_value=0)
+        if cu_k[0] != 0 or np.any(np.diff(cu_k) < 0):
+            raise ValueError(f"cu_seqlens_k: must start at 0 and be non-decreasing, got {cu_k.tolist()}")
+        capacity = bt_arr.shape[1] * k.shape[1]
+        if np.diff(cu_k).max() > capacity:
+            raise ValueError(f"cu_seqlens_k: a sequence of {np.diff(cu_k).max()} keys exceeds the paged capacity "
+                             f"{capacity} (max_num_blocks_per_seq * page_block_size)")
+        extra = dict(block_table=bt.reshape(bt_arr.shape), seqlen_k=np.ascontiguousarray(np.diff(cu_k)))
+    else:
+        cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
+        if cu_k.shape[0] != b + 1:
+            raise ValueError(f"cu_seqlens_k: expected {b + 1} entries (as cu_seqlens_q), got {cu_k.shape[0]}")
+        extra = dict(cu_k=cu_k)
+    max_sq = _max_seqlen(max_seqlen_q, "max_seqlen_q", cu_q)
+    max_sk = _max_seqlen(max_seqlen_k, "max_seqlen_k", cu_k)
+    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+                 deterministic, return_softmax, causal)
+    seed, offset = _rng.resolve(seed) if (o["dropout_p"] > 0 or seed is not None) else (0, 0)
+    left, right = flash_window(o["window"], bool(causal), max_sk)
+    q, k, v = (V.last_dim_contiguous(x) for x in (q, k, v))
+    out, lse, s_dmask = forward(
+        q, k, v, scale=o["scale"], out_shape=q.shape, lse_shape=(h, total_q), varlen=True,
+        softcap=o["softcap"], left=left, right=right, alibi=o["alibi"], dropout_p=o["dropout_p"],
+        seed=seed, offset=offset, s_dmask_shape=(b, h, max_sq, max_sk) if return_softmax else None,
+        cu_q=cu_q, **extra)
+    return out, lse, s_dmask, _rng.as_rng_state(seed, offset)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           return_attn_probs=False, block_table=None):
+    """flash_attn_func on packed sequences: q (total_q, h, d), k/v (total_k, hk, d), sequence i in
+    rows cu_seqlens[i]:cu_seqlens[i+1]. max_seqlen_* are upper bounds (lengths come from
+    cu_seqlens). With block_table (batch, max_blocks), k/v are paged (num_blocks, page_block_size,
+    hk, d) and cu_seqlens_k gives each sequence's key count. Causal and windows align per sequence.
+    softmax_lse is (h, total_q); S_dmask (b, h, max_seqlen_q, max_seqlen_k), each sequence top-left.
+    """
+    out, lse, s_dmask, _ = _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+                                       softcap, alibi_slopes, deterministic, return_attn_probs,
+                                       block_table=block_table)
+    return _result(out, lse, s_dmask, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                     causal=False, window_size=(-1, -1), softcap=0.0,
+                                     alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """flash_attn_varlen_func on qkv of shape (total, 3, nheads, headdim) (views, no copies)."""
+    qkv = V.as_array(qkv, "qkv")
+    V.check_ndim(qkv, "qkv", 4, "(total, 3, nheads, headdim)")
+    if qkv.shape[1] != 3:
+        raise ValueError(f"qkv: expected size 3 in dim 1, got shape {tuple(qkv.shape)}")
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens,
+                                  max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+                                  window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=0.0, softmax_scale=None, causal=False,
+                                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                    deterministic=False, return_attn_probs=False):
+    """flash_attn_varlen_func on kv of shape (total_k, 2, nheads_k, headdim) (views, no copies)."""
+    kv = V.as_array(kv, "kv")
+    V.check_ndim(kv, "kv", 4, "(total_k, 2, nheads_k, headdim)")
+    if kv.shape[1] != 2:
+        raise ValueError(f"kv: expected size 2 in dim 1, got shape {tuple(kv.shape)}")
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+                                  softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                          softcap=0.0, alibi_slopes=None, seed=None):
+    """Low-level varlen forward: (out, softmax_lse (h, total_q), rng_state) as flash_attn_fwd."""
+    out, lse, _, rng_state = _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, dropout_p, softmax_scale, causal,
+                                         window_size, softcap, alibi_slopes, False, False,
+                                         seed=seed)
+    return out, lse, rng_state
