@@ -13,11 +13,13 @@ UNBOUNDED = None  # an open side of the visible-key band
 
 
 def flash_window(window_size, causal, sk_bound):
-    """flash-attn 2.8's window normalization (specs/flash_attn_api.md 2.3): returns the kernel's
-    (left, right) band bounds, None for unbounded.
+    """flash-attn 2.8's window normalization (specs/flash_attn_api.md 2.3) as the kernel's band
+    (left, right), None for an unbounded side.
 
-    Values >= sk_bound mean unbounded; causal forces right = 0; a one-sided window keeps flash-attn's
-    convention of bounding the open side by sk_bound (only visible when sq > 2 * sk)."""
+    A bound >= sk_bound (the key length, max_seqlen_k or cache capacity) is unbounded; causal
+    forces right = 0; any negative value is unbounded. (flash-attn's CUDA kernel stores a one-sided
+    window's open side as seqlen_k, which differs only when sq > 2 * sk; we keep it unbounded, as
+    its documentation and reference do.)"""
     left, right = window_size
     if left >= sk_bound:
         left = -1
@@ -25,13 +27,7 @@ def flash_window(window_size, causal, sk_bound):
         right = -1
     if causal:
         right = 0
-    if left < 0 and right < 0:
-        return UNBOUNDED, UNBOUNDED
-    if left < 0:
-        return (UNBOUNDED if right == 0 else sk_bound), right
-    if right < 0:
-        return left, sk_bound
-    return left, right
+    return (left if left >= 0 else UNBOUNDED), (right if right >= 0 else UNBOUNDED)
 
 
 def forward(q, k, v, *, scale, out_shape, lse_shape, varlen=False, softcap=0.0, left=None,
