@@ -11,6 +11,7 @@ from .flash_attn_interface import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_fwd,
+    flash_attn_bwd,
 )
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
     "flash_attn_fwd",
+    "flash_attn_bwd",
     "manual_seed",
     "cpu_info",
     "set_num_threads",
