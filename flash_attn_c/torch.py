@@ -534,7 +534,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     hkv = hq if hk == 1 and not enable_gqa else hk
 
     def as_bshd(x, h, rows):
-        x = x.reshape((1, 1) + tuple(x.shape)) if x.dim() == 2 else x
+        x = x[None] if x.dim() == 2 else x  # the one head of a 2-D input
         x = x.expand(batch + (h, rows, E)).reshape(B, h, rows, E)
         return x.transpose(1, 2)
 

@@ -88,7 +88,9 @@ static int elem_strides(PyArrayObject *a, const char *name, int last_contig, int
         }
         out[i] = st / isz;
     }
-    if (last_contig && nd > 0 && PyArray_DIM(a, nd - 1) > 1 && out[nd - 1] != 1) {
+    /* An empty array has no element to address (NumPy reports all-zero strides for it). */
+    if (last_contig && nd > 0 && PyArray_SIZE(a) > 0 && PyArray_DIM(a, nd - 1) > 1 &&
+        out[nd - 1] != 1) {
         PyErr_Format(PyExc_ValueError, "%s: the last dimension must be contiguous", name);
         return -1;
     }
