@@ -16,6 +16,7 @@ from .flash_attn_interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
     flash_attn_varlen_fwd,
+    flash_attn_bwd,
 )
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "flash_attn_varlen_fwd",
     "flash_attn_with_kvcache",
     "combine_partials",
+    "flash_attn_bwd",
     "manual_seed",
     "cpu_info",
     "set_num_threads",

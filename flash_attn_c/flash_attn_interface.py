@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _rng
 from . import _validate as V
-from ._core import flash_window, forward
+from ._core import backward, flash_window, forward
 
 
 def _check_qkv(q, k, v, *, varlen):
@@ -257,3 +257,50 @@ def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
                                          window_size, softcap, alibi_slopes, False, False,
                                          seed=seed)
     return out, lse, rng_state
+def _check_lse(lse, q, shape):
+    """softmax_lse as the forward returned it: the accumulator dtype, the given shape."""
+    lse = V.as_array(lse, "softmax_lse")
+    want = np.float64 if q.dtype == np.float64 else np.float32
+    if lse.dtype != want:
+        raise TypeError(f"softmax_lse: expected dtype {np.dtype(want).name} (for {q.dtype} inputs), got {lse.dtype}")
+    V.check_shape(lse, "softmax_lse", shape, "(batch, nheads, seqlen_q)")
+    return lse
+
+
+def flash_attn_bwd(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_scale=None, causal=False,
+                   window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                   rng_state=None):
+    """Low-level backward of flash_attn_fwd: returns (dq, dk, dv).
+
+    dout, out: (batch, seqlen_q, nheads, headdim) like q; out and softmax_lse as flash_attn_fwd
+    returned them, and the same options. P is rebuilt from softmax_lse (rows with lse +inf give no
+    gradient) and, with dropout_p > 0, the dropout mask is replayed from rng_state (required then).
+    dk/dv have k/v's shape (for GQA/MQA summed over each kv head's group of query heads); all three
+    are in the input dtype, accumulated in float32 (float64 for float64 inputs) and rounded once.
+    Deterministic for any thread count (the flag is accepted and has nothing to change).
+    """
+    q, k, v = _check_qkv(q, k, v, varlen=False)
+    _check_kv_shapes(q, k, v, varlen=False)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    dout = V.as_array(dout, "dout")
+    out = V.as_array(out, "out")
+    V.check_same_dtype(dout, "dout", q)
+    V.check_same_dtype(out, "out", q)
+    V.check_shape(dout, "dout", q.shape, "(the shape of q)")
+    V.check_shape(out, "out", q.shape, "(the shape of q)")
+    lse = _check_lse(softmax_lse, q, (b, h, sq))
+    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+                 deterministic, False, causal)
+    if o["dropout_p"] > 0:
+        if rng_state is None:
+            raise ValueError("rng_state: required when dropout_p > 0 (pass the rng_state flash_attn_fwd returned)")
+        seed, offset = _rng.resolve(rng_state)
+    else:
+        seed, offset = 0, 0
+    left, right = flash_window(o["window"], bool(causal), sk)
+    dout, q, k, v, out = (V.last_dim_contiguous(x) for x in (dout, q, k, v, out))
+    dq, dk, dv, _ = backward(dout, q, k, v, out, scale=o["scale"], lse=lse, softcap=o["softcap"],
+                             left=left, right=right, alibi=o["alibi"], dropout_p=o["dropout_p"],
+                             seed=seed, offset=offset)
+    return dq, dk, dv
