@@ -427,7 +427,8 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
                 vm = vmax(vm, vload(Sr + c));
             const acc_t bm = vhmax(vm);
             const acc_t m_old = w.m[r];
-            const acc_t m_new = bm > m_old ? bm : m_old;
+            /* A NaN score (NaN input) must poison the row, not be skipped as "nothing visible". */
+            const acc_t m_new = (bm > m_old || bm != bm) ? bm : m_old;
             if (m_new == -INFINITY) { /* nothing visible yet (only possible with -inf fills) */
                 for (int64_t c = 0; c < ncp; c++)
                     Sr[c] = 0;
@@ -460,7 +461,7 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t i = q0 + r;
         char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * es;
-        const int empty = !(w.l[r] > 0);
+        const int empty = w.l[r] == 0; /* NaN sums (NaN inputs) propagate, never read as empty */
         const int invalid = p->invalid_line_zero && w.m[r] == (acc_t)p->mask_fill;
         acc_t *Or = w.O + r * dp;
         if (empty || invalid) {

@@ -6,6 +6,7 @@ other implementations against flash_attn_c.reference.
 """
 from ._runtime import cpu_info, get_num_threads, set_num_threads, set_isa, bfloat16
 from ._rng import manual_seed
+from .kvcache import combine_partials, flash_attn_with_kvcache
 from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -29,6 +30,8 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_fwd",
+    "flash_attn_with_kvcache",
+    "combine_partials",
     "npu_fusion_attention",
     "npu_flash_attention",
     "manual_seed",

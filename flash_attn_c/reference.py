@@ -140,14 +140,16 @@ def _softmax(s, visible, prec):
     Returns (P rounded to the compute dtype, lse). Rows with no visible entry give P = 0 and
     lse = +inf (FA §2.7).
     """
-    s_masked = np.where(visible, s, -np.inf)
-    m = s_masked.max(axis=-1, keepdims=True) if s.shape[-1] else np.full(s.shape[:-1] + (1,), -np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    e = np.where(visible, np.exp(s_masked - m_safe), 0.0)
-    total = e.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(total > 0, e / total, 0.0)
-        lse = np.where(total > 0, m_safe + np.log(total), np.inf)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        s_masked = np.where(visible, s, -np.inf)
+        m = (s_masked.max(axis=-1, keepdims=True) if s.shape[-1]
+             else np.full(s.shape[:-1] + (1,), -np.inf))
+        m_safe = np.where(np.isfinite(m), m, 0.0)
+        e = np.where(visible, np.exp(s_masked - m_safe), 0.0)
+        total = e.sum(axis=-1, keepdims=True)
+        # total == 0 only for rows without a visible key; NaN inputs propagate.
+        p = np.where(total == 0, 0.0, e / total)
+        lse = np.where(total == 0, np.inf, m_safe + np.log(total))
     return prec(p), lse[..., 0].astype(prec.wide)
 
 
@@ -236,7 +238,9 @@ def _fa_scores(qh, kh, scale, softcap, window, slopes, prec):
 def _fa_forward(q, k, v, scale, softcap, window, slopes, dropout_p, keep, prec):
     """Attention of one sequence. q (sq, h, d), k (sk, hk, d), v (sk, hk, dv); keep (h, sq, sk).
 
-    Returns out (sq, h, dv), lse (h, sq), pre-dropout P (h, sq, sk) with masked entries 0.
+    Returns out (sq, h, dv), lse (h, sq) and the S_dmask block (h, sq, sk): the normalised
+    pre-dropout P with dropped entries negated (-0.0 where P is 0) and +0 outside the
+    causal/window region (API.md §2).
     """
     h = q.shape[1]
     qh, kh, vh = prec(q).transpose(1, 0, 2), _heads(k, h, prec), _heads(v, h, prec)
@@ -246,7 +250,8 @@ def _fa_forward(q, k, v, scale, softcap, window, slopes, dropout_p, keep, prec):
     if dropout_p > 0:
         vh = prec(vh * (1.0 / (1.0 - dropout_p)))  # the reference scales v by 1/(1-p)
     out = prec.mm(pd, vh)
-    return out.transpose(1, 0, 2), lse, p
+    smask = p if keep is None else np.where(keep | ~visible[None], p, -p)
+    return out.transpose(1, 0, 2), lse, smask
 
 
 def _fa_backward(dout, q, k, v, out, lse, scale, softcap, window, slopes, dropout_p, keep, prec):
@@ -285,7 +290,8 @@ def _slopes_per_batch(alibi_slopes, batch, nheads):
         return np.broadcast_to(a, (batch, nheads))
     if a.shape == (batch, nheads):
         return a
-    raise ValueError(f"alibi_slopes: expected shape ({nheads},) or ({batch}, {nheads}), got {a.shape}")
+    raise ValueError(f"alibi_slopes: expected shape ({nheads},) or ({batch}, {nheads}), "
+                     f"got {a.shape}")
 
 
 def _scale(softmax_scale, d):
@@ -308,19 +314,13 @@ def _dropout(dropout_p, dropout_mask, shape):
 def _check_qkv(q, k, v, qdims):
     q, k, v = _float_array(q, "q"), _float_array(k, "k"), _float_array(v, "v")
     if q.ndim != qdims or k.ndim != qdims or v.ndim != qdims:
-        raise ValueError(f"q, k, v: expected {qdims} dims, got shapes {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(f"q, k, v: expected {qdims} dims, got shapes {q.shape}, {k.shape}, "
+                         f"{v.shape}")
     h, hk = q.shape[-2], k.shape[-2]
     if hk == 0 or h % hk or v.shape[-2] != hk or k.shape[-1] != q.shape[-1] \
             or k.shape[:-1] != v.shape[:-1]:
         raise ValueError(f"q, k, v: inconsistent shapes {q.shape}, {k.shape}, {v.shape}")
     return q, k, v
-
-
-def _dmask(probs, keep, visible_only_sign=True):
-    """S_dmask of API.md §2: normalised pre-dropout P, dropped entries negated (-0.0 for 0)."""
-    if keep is None:
-        return probs
-    return np.where(keep, probs, -probs)
 
 
 # --- fixed length ---------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def _fixed_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, softc
 def _attn_result(prec, out, lse, probs, keep, return_attn_probs):
     if not return_attn_probs:
         return prec.out(out)
-    return prec.out(out), prec.stat(lse), prec.out(_dmask(probs, keep))
+    return prec.out(out), prec.stat(lse), prec.out(probs)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -359,9 +359,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     *, dropout_mask=None, compute_dtype=np.float64):
     """Reference ``flash_attn_func``: q (b, sq, h, d), k/v (b, sk, hk, d) -> out (b, sq, h, d).
 
-    With ``return_attn_probs=True`` returns ``(out, softmax_lse (b, h, sq), S_dmask (b, h, sq, sk))``
-    where S_dmask is the normalised pre-dropout probability matrix with dropped entries negated
-    (API.md §2); entries outside the causal/window region are +0.
+    With ``return_attn_probs=True`` returns
+    ``(out, softmax_lse (b, h, sq), S_dmask (b, h, sq, sk))`` where S_dmask is the normalised
+    pre-dropout probability matrix with dropped entries negated (API.md §2); entries outside the
+    causal/window region are +0.
     """
     prec, out, lse, probs, keep = _fixed_forward(q, k, v, dropout_p, softmax_scale, causal,
                                                  window_size, softcap, alibi_slopes, dropout_mask,
@@ -376,10 +377,12 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     """Reference ``flash_attn_qkvpacked_func``: qkv (b, s, 3, h, d) (FA §1.2)."""
     qkv = _float_array(qkv, "qkv")
     if qkv.ndim != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"qkv: expected shape (batch, seqlen, 3, nheads, headdim), got {qkv.shape}")
+        raise ValueError(f"qkv: expected shape (batch, seqlen, 3, nheads, headdim), "
+                         f"got {qkv.shape}")
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale,
                            causal, window_size, softcap, alibi_slopes, deterministic,
-                           return_attn_probs, dropout_mask=dropout_mask, compute_dtype=compute_dtype)
+                           return_attn_probs, dropout_mask=dropout_mask,
+                           compute_dtype=compute_dtype)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -389,7 +392,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     """Reference ``flash_attn_kvpacked_func``: q (b, sq, h, d), kv (b, sk, 2, hk, d) (FA §1.2)."""
     kv = _float_array(kv, "kv")
     if kv.ndim != 5 or kv.shape[2] != 2:
-        raise ValueError(f"kv: expected shape (batch, seqlen_k, 2, nheads_k, headdim), got {kv.shape}")
+        raise ValueError(f"kv: expected shape (batch, seqlen_k, 2, nheads_k, headdim), "
+                         f"got {kv.shape}")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal,
                            window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
                            dropout_mask=dropout_mask, compute_dtype=compute_dtype)
@@ -423,7 +427,8 @@ def _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     if paged and (q.ndim != 3 or k.ndim != 4 or v.shape[:-1] != k.shape[:-1]):
         raise ValueError(f"paged varlen: expected q (total_q, h, d) and k, v (num_blocks, "
                          f"page_block_size, hk, d), got {q.shape}, {k.shape}, {v.shape}")
-    cu_q, cu_k = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q"), _cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
+    cu_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q")
+    cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
     if len(cu_q) != len(cu_k):
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
     b = len(cu_q) - 1
@@ -437,7 +442,12 @@ def _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     if paged:
         table = np.asarray(block_table)
         if table.ndim != 2 or table.shape[0] != b:
-            raise ValueError(f"block_table: expected shape ({b}, max_num_blocks), got {table.shape}")
+            raise ValueError(f"block_table: expected shape ({b}, max_num_blocks), "
+                             f"got {table.shape}")
+        if table.min(initial=0) < 0 or table.max(initial=0) >= k.shape[0] or any(
+                cu_k[i + 1] - cu_k[i] > table.shape[1] * k.shape[1] for i in range(b)):
+            raise ValueError("block_table: entries out of range, or a sequence longer than its "
+                             "blocks")
     scale = _scale(softmax_scale, d)
     # FA §2.3: the clamp uses max_seqlen_k, the sq == 1 shortcut max_seqlen_q.
     window = _fa_window(window_size, causal, max_seqlen_q, max_seqlen_k, alibi_slopes is not None)
@@ -469,7 +479,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     q (total_q, h, d), k/v (total_k, hk, d), or with ``block_table`` (b, max_blocks) paged k/v
     (num_blocks, page_block_size, hk, d) where sequence b's key j is at
-    ``k[block_table[b, j // page], j % page]`` and its length is ``cu_seqlens_k[b+1]-cu_seqlens_k[b]``.
+    ``k[block_table[b, j // page], j % page]`` and its length is
+    ``cu_seqlens_k[b+1] - cu_seqlens_k[b]``.
     Per-sequence lengths come from cu_seqlens; max_seqlen_* are upper bounds used for the window
     clamp, the S_dmask shape and the dropout mask shape (FA §1.2, §2.3). softmax_lse is
     (h, total_q); q rows that no sequence covers get out 0 and lse +inf.
@@ -599,7 +610,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                                                           "cache_batch_idx")
     leftpad = [0] * b if cache_leftpad is None else _int_list(cache_leftpad, "cache_leftpad")
     if len(seqlens) != b or len(batch_idx) != b or len(leftpad) != b:
-        raise ValueError("cache_seqlens/cache_batch_idx/cache_leftpad: expected one entry per batch")
+        raise ValueError("cache_seqlens/cache_batch_idx/cache_leftpad: expected one entry per "
+                         "batch")
     seqlen_new = 0
     if k is not None:
         k, v = _float_array(k, "k"), _float_array(v, "v")
@@ -619,6 +631,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cos, sin = np.asarray(rotary_cos), np.asarray(rotary_sin)
         if cos.ndim != 2 or sin.shape != cos.shape or 2 * cos.shape[1] > d:
             raise ValueError(f"rotary_cos/rotary_sin: bad shapes {cos.shape}, {sin.shape}")
+        if max(seqlens) + max(seqlen_new, sq) > cos.shape[0]:
+            raise ValueError(f"rotary_cos/rotary_sin: {cos.shape[0]} positions are too few for "
+                             f"cache_seqlens + seqlen")
+    if paged and (table.min(initial=0) < 0 or table.max(initial=0) >= k_cache.shape[0]):
+        raise ValueError("block_table: entries out of range of the paged cache")
 
     def cache_rows(cache, bi, rows):
         if paged:
@@ -696,7 +713,8 @@ def flash_attn_bwd(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_scale
     b, sq, h, d = q.shape
     sk = k.shape[1]
     lse = np.asarray(softmax_lse, np.float64)
-    if dout.shape != q.shape[:3] + (v.shape[-1],) or out.shape != dout.shape or lse.shape != (b, h, sq):
+    if (dout.shape != q.shape[:3] + (v.shape[-1],) or out.shape != dout.shape
+            or lse.shape != (b, h, sq)):
         raise ValueError(f"dout/out/softmax_lse: bad shapes {dout.shape}, {out.shape}, {lse.shape}")
     scale = _scale(softmax_scale, d)
     window = _fa_window(window_size, causal, sq, sk, alibi_slopes is not None)
@@ -739,11 +757,13 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seql
     prec = _Precision(compute_dtype)
     q, k, v = _check_qkv(q, k, v, 3)
     dout, out = _float_array(dout, "dout"), _float_array(out, "out")
-    cu_q, cu_k = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q"), _cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
+    cu_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q")
+    cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
     b = len(cu_q) - 1
     total_q, h, d = q.shape
     lse = np.asarray(softmax_lse, np.float64)
-    if lse.shape != (h, total_q) or dout.shape != (total_q, h, v.shape[-1]) or out.shape != dout.shape:
+    if (lse.shape != (h, total_q) or dout.shape != (total_q, h, v.shape[-1])
+            or out.shape != dout.shape):
         raise ValueError(f"dout/out/softmax_lse: bad shapes {dout.shape}, {out.shape}, {lse.shape}")
     max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
     scale = _scale(softmax_scale, d)
@@ -783,15 +803,18 @@ def combine_partials(outs, lses, *, compute_dtype=np.float64):
         raise ValueError(f"outs: expected (b, sq, h, d) or (t, h, d) arrays, got {o.shape[1:]}")
     if l.shape != o.shape[:-1]:
         raise ValueError(f"lses: shapes do not match outs {o.shape[1:]}")
-    l = np.where(l == np.inf, -np.inf, l)                                # empty partial -> weight 0
-    m = l.max(axis=0)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    w = np.exp(l - m_safe)
-    total = w.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lse = np.where(total > 0, m_safe + np.log(total), np.inf)
-        out = np.where(total[..., None] > 0,
-                       np.sum(w[..., None] * o, axis=0) / total[..., None], 0.0)
+    # An empty partial (lse +inf) gets weight 0 and its out is ignored entirely.
+    l = np.where(l == np.inf, -np.inf, l)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        m = l.max(axis=0)
+        m_safe = np.where(np.isfinite(m), m, 0.0)
+        w = np.exp(l - m_safe)
+        total = w.sum(axis=0)
+        # total == 0: no partial saw a key; NaN inputs propagate.
+        lse = np.where(total == 0, np.inf, m_safe + np.log(total))
+        out = np.where(total[..., None] == 0, 0.0,
+                       np.sum(np.where(w[..., None] == 0, 0.0, w[..., None] * o), axis=0)
+                       / total[..., None])
     lse = lse.transpose(0, 2, 1) if lse.ndim == 3 else lse.T
     return prec.out(out), prec.stat(lse)
 

@@ -13,6 +13,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "../fa_aux.h"
 #include "../fa_kernels.h"
 #include "../fa_params.h"
 #include "../fa_seq.h"
@@ -545,6 +546,153 @@ static PyObject *py_fwd(PyObject *self, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
+/* ---- rotary and combine ----------------------------------------------------------------------- */
+
+PyDoc_STRVAR(rotary_doc,
+"rotary(x, y, cos, sin, pos, interleaved)\n"
+"y[b, s, h] = rotary(x[b, s, h]) at positions pos (b, s) int64; x/y (b, s, h, d) views of one\n"
+"dtype, cos/sin contiguous (ro_len, half) tables of that dtype. Internal.");
+
+static PyObject *py_rotary(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *ox, *oy, *oc, *os, *op;
+    int interleaved;
+    if (!PyArg_ParseTuple(args, "OOOOOp", &ox, &oy, &oc, &os, &op, &interleaved))
+        return NULL;
+    int err;
+    PyArrayObject *x = as_array(ox, "x", 4, 0, &err);
+    if (err) return NULL;
+    PyArrayObject *y = as_array(oy, "y", 4, 0, &err);
+    if (err) return NULL;
+    PyArrayObject *c = as_array(oc, "rotary_cos", 2, 0, &err);
+    if (err) return NULL;
+    PyArrayObject *sn = as_array(os, "rotary_sin", 2, 0, &err);
+    if (err) return NULL;
+    PyArrayObject *pos = as_array(op, "positions", 2, 0, &err);
+    if (err) return NULL;
+    fa_dtype t, u;
+    if (dtype_of(x, &t) < 0 || dtype_of(y, &u) < 0 || u != t || dtype_of(c, &u) < 0 || u != t ||
+        dtype_of(sn, &u) < 0 || u != t) {
+        PyErr_SetString(PyExc_TypeError, "rotary: x, y, rotary_cos and rotary_sin must share one float dtype");
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(c) || !PyArray_IS_C_CONTIGUOUS(sn) ||
+        PyArray_DIM(c, 0) != PyArray_DIM(sn, 0) || PyArray_DIM(c, 1) != PyArray_DIM(sn, 1)) {
+        PyErr_SetString(PyExc_ValueError, "rotary_cos/rotary_sin: must be contiguous and of one shape");
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++)
+        if (PyArray_DIM(x, i) != PyArray_DIM(y, i)) {
+            PyErr_SetString(PyExc_ValueError, "rotary: x and y must have one shape");
+            return NULL;
+        }
+    int64_t b = PyArray_DIM(x, 0), sl = PyArray_DIM(x, 1), h = PyArray_DIM(x, 2), d = PyArray_DIM(x, 3);
+    int64_t half = PyArray_DIM(c, 1), ro_len = PyArray_DIM(c, 0);
+    if (2 * half > d) {
+        PyErr_Format(PyExc_ValueError, "rotary_cos: rotary_dim %lld exceeds the head dim %lld",
+                     (long long)(2 * half), (long long)d);
+        return NULL;
+    }
+    if (check_dtype(pos, "positions", NPY_INT64) < 0)
+        return NULL;
+    if (!PyArray_IS_C_CONTIGUOUS(pos) || PyArray_DIM(pos, 0) != b || PyArray_DIM(pos, 1) != sl) {
+        PyErr_SetString(PyExc_ValueError, "positions: expected a contiguous (b, s) array");
+        return NULL;
+    }
+    const int64_t *pp = (const int64_t *)PyArray_DATA(pos);
+    for (int64_t i = 0; i < b * sl; i++)
+        if (pp[i] < 0 || pp[i] >= ro_len) {
+            PyErr_Format(PyExc_ValueError,
+                         "rotary_cos: position %lld is outside the %lld rows of the cos/sin tables",
+                         (long long)pp[i], (long long)ro_len);
+            return NULL;
+        }
+    int64_t xs[4], ys[4];
+    if (elem_strides(x, "x", 1, xs) < 0 || elem_strides(y, "y", 1, ys) < 0 || writable(y, "y") < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    fa_rotary(t, PyArray_DATA(x), xs, PyArray_DATA(y), ys, b, sl, h, d, PyArray_DATA(c),
+              PyArray_DATA(sn), half, pp, interleaved);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(combine_doc,
+"combine(outs, lses, out, lse)\n"
+"Log-sum-exp merge of partial results: outs are (b, s, h, d) views, lses (b, h, s) float32\n"
+"(float64 for float64) views; writes out/lse. Internal: see flash_attn_c.combine_partials.");
+
+static PyObject *py_combine(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *oouts, *olses, *oo, *ol;
+    if (!PyArg_ParseTuple(args, "OOOO", &oouts, &olses, &oo, &ol))
+        return NULL;
+    if (!PyTuple_Check(oouts) || !PyTuple_Check(olses) || PyTuple_GET_SIZE(oouts) != PyTuple_GET_SIZE(olses) ||
+        PyTuple_GET_SIZE(oouts) < 1 || PyTuple_GET_SIZE(oouts) > 1024) {
+        PyErr_SetString(PyExc_ValueError, "combine: outs and lses must be tuples of equal length in [1, 1024]");
+        return NULL;
+    }
+    int n = (int)PyTuple_GET_SIZE(oouts), err;
+    PyArrayObject *out = as_array(oo, "out", 4, 0, &err);
+    if (err) return NULL;
+    PyArrayObject *lse = as_array(ol, "lse", 3, 0, &err);
+    if (err) return NULL;
+    fa_dtype t;
+    if (dtype_of(out, &t) < 0) {
+        PyErr_SetString(PyExc_TypeError, "outs: expected float32, float16, bfloat16 or float64");
+        return NULL;
+    }
+    const int lse_type = t == FA_F64 ? NPY_FLOAT64 : NPY_FLOAT32;
+    int64_t b = PyArray_DIM(out, 0), sl = PyArray_DIM(out, 1), h = PyArray_DIM(out, 2), d = PyArray_DIM(out, 3);
+    if (PyArray_TYPE(lse) != lse_type || PyArray_DIM(lse, 0) != b || PyArray_DIM(lse, 1) != h ||
+        PyArray_DIM(lse, 2) != sl) {
+        PyErr_SetString(PyExc_ValueError, "lse: wrong shape or dtype for the output");
+        return NULL;
+    }
+    const void *po[1024], *pl[1024];
+    int64_t so[1024][3], sl3[1024][3], st[4];
+    for (int i = 0; i < n; i++) {
+        PyArrayObject *a = as_array(PyTuple_GET_ITEM(oouts, i), "outs[i]", 4, 0, &err);
+        if (err) return NULL;
+        PyArrayObject *l = as_array(PyTuple_GET_ITEM(olses, i), "lses[i]", 3, 0, &err);
+        if (err) return NULL;
+        fa_dtype u;
+        if (dtype_of(a, &u) < 0 || u != t || PyArray_TYPE(l) != lse_type) {
+            PyErr_Format(PyExc_TypeError, "outs[%d]/lses[%d]: dtypes differ from the first partial's", i, i);
+            return NULL;
+        }
+        for (int j = 0; j < 4; j++)
+            if (PyArray_DIM(a, j) != PyArray_DIM(out, j)) {
+                PyErr_Format(PyExc_ValueError, "outs[%d]: shape differs from outs[0]", i);
+                return NULL;
+            }
+        for (int j = 0; j < 3; j++)
+            if (PyArray_DIM(l, j) != PyArray_DIM(lse, j)) {
+                PyErr_Format(PyExc_ValueError, "lses[%d]: shape does not match its partial output", i);
+                return NULL;
+            }
+        if (elem_strides(a, "outs[i]", 1, st) < 0)
+            return NULL;
+        memcpy(so[i], st, sizeof so[i]);
+        if (elem_strides(l, "lses[i]", 0, st) < 0)
+            return NULL;
+        memcpy(sl3[i], st, sizeof sl3[i]);
+        po[i] = PyArray_DATA(a);
+        pl[i] = PyArray_DATA(l);
+    }
+    int64_t ost[4], lst[4];
+    if (elem_strides(out, "out", 1, ost) < 0 || elem_strides(lse, "lse", 0, lst) < 0 ||
+        writable(out, "out") < 0 || writable(lse, "lse") < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    fa_combine(t, n, po, (const int64_t(*)[3])so, pl, (const int64_t(*)[3])sl3, PyArray_DATA(out),
+               ost, PyArray_DATA(lse), lst, b, sl, h, d);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* ---- runtime ---------------------------------------------------------------------------------- */
 
 static PyObject *isa_list(unsigned mask)
@@ -644,6 +792,8 @@ static PyObject *py_register_bf16(PyObject *self, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"fwd", (PyCFunction)(void (*)(void))py_fwd, METH_VARARGS | METH_KEYWORDS, fwd_doc},
+    {"rotary", py_rotary, METH_VARARGS, rotary_doc},
+    {"combine", py_combine, METH_VARARGS, combine_doc},
     {"isa_state", py_isa_state, METH_NOARGS, "Selected, supported and compiled ISAs."},
     {"select_isa", py_select_isa, METH_O, "Select the kernel family by name."},
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest family this CPU supports and the build has."},
