@@ -18,6 +18,7 @@ from .flash_attn_interface import (
     flash_attn_varlen_fwd,
     flash_attn_bwd,
 )
+from .npu import npu_flash_attention, npu_fusion_attention
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,8 @@ __all__ = [
     "flash_attn_with_kvcache",
     "combine_partials",
     "flash_attn_bwd",
+    "npu_fusion_attention",
+    "npu_flash_attention",
     "manual_seed",
     "cpu_info",
     "set_num_threads",
