@@ -17,7 +17,9 @@ from .flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_varlen_fwd,
     flash_attn_bwd,
+    flash_attn_varlen_bwd,
 )
+from .npu import npu_flash_attention, npu_fusion_attention
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,9 @@ __all__ = [
     "flash_attn_with_kvcache",
     "combine_partials",
     "flash_attn_bwd",
+    "flash_attn_varlen_bwd",
+    "npu_fusion_attention",
+    "npu_flash_attention",
     "manual_seed",
     "cpu_info",
     "set_num_threads",
