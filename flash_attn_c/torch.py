@@ -29,7 +29,6 @@ from . import _validate as V
 from . import flash_attn_interface as _fa
 from . import kvcache as _kvcache
 from ._core import backward as _kernel_backward
-from ._core import flash_window as _flash_window
 from ._core import forward as _kernel_forward
 from ._runtime import bfloat16 as _np_bfloat16
 
@@ -230,35 +229,25 @@ def _varlen_forward(ctx, packed, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen
     result = _outputs(ctx, out, lse, s_dmask, return_softmax)
     out_t = result[0] if return_softmax else result
     ctx.save_for_backward(*packed, out_t, _tensor(lse), _rng_tensor(rng_state), alibi_slopes)
-    # The validated int64 cu_seqlens, kept as arrays: they are no tensors autograd must track.
-    ctx.varlen = (V.index_vector(cu_q, "cu_seqlens_q"), V.index_vector(cu_k, "cu_seqlens_k"),
-                  max_seqlen_k, block_table is not None)
+    # cu_seqlens stay arrays on ctx: integer inputs autograd has nothing to track in.
+    ctx.varlen = (cu_q, cu_k, max_seqlen_q, max_seqlen_k, block_table is not None)
     ctx.options = (dropout_p, softmax_scale, causal, window_size, softcap, deterministic)
     return result
 
 
 def _varlen_backward(ctx, dout, split):
-    """(dq, dk, dv) arrays for the varlen Functions.
-
-    The backward funnel takes varlen batches directly (cu_q/cu_k); this adapter resolves the same
-    options the forward resolved (scale, window band, alibi view) and hands everything over."""
-    cu_q, cu_k, max_seqlen_k, paged = ctx.varlen
+    """(dq, dk, dv) arrays for the varlen Functions."""
+    cu_q, cu_k, max_seqlen_q, max_seqlen_k, paged = ctx.varlen
     if paged:
         raise RuntimeError("flash_attn_varlen_func: backward with block_table (paged K/V) is not "
                            "supported, as in flash-attn")
     *inputs, out, lse, rng_state, alibi_slopes = ctx.saved_tensors
     q, k, v = split(*inputs)
     dropout_p, softmax_scale, causal, window_size, softcap, deterministic = ctx.options
-    dout_a, out_a = _array(dout, "dout"), _array(out, "out")
-    seed, offset = (int(x) for x in rng_state.numpy().view(np.uint64))
-    left, right = _flash_window(V.int_pair(window_size, "window_size"), bool(causal), max_seqlen_k)
-    dout_a, q, k, v, out_a = (V.last_dim_contiguous(x) for x in (dout_a, q, k, v, out_a))
-    dq, dk, dv, _ = _kernel_backward(
-        dout_a, q, k, v, out_a, scale=V.softmax_scale(softmax_scale, q.shape[-1]), lse=lse.numpy(),
-        varlen=True, softcap=float(softcap), left=left, right=right,
-        alibi=V.alibi(_slopes(alibi_slopes), len(cu_q) - 1, q.shape[-2]),
-        dropout_p=float(dropout_p), seed=seed, offset=offset, cu_q=cu_q, cu_k=cu_k)
-    return dq, dk, dv
+    return _fa.flash_attn_varlen_bwd(_array(dout, "dout"), q, k, v, _array(out, "out"),
+                                     lse.numpy(), cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                                     dropout_p, softmax_scale, causal, window_size, softcap,
+                                     _slopes(alibi_slopes), deterministic, rng_state.numpy())
 
 
 def _varlen_qkv_views(qkv):
@@ -595,6 +584,9 @@ class _NPUFusionAttentionFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *unused):
         npu = _npu()
+        if not hasattr(npu, "npu_fusion_attention_grad"):
+            raise NotImplementedError("npu_fusion_attention: this flash_attn_c build has no "
+                                      "npu_fusion_attention_grad, so no backward")
         query, key, value, pse, atten_mask, out, smax, ssum = ctx.saved_tensors
         head_num, input_layout, options, seed, offset, numels = ctx.call
         grad_options = dict(options)

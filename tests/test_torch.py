@@ -435,29 +435,46 @@ def test_no_torch_import_elsewhere():
 
 # ---- npu_fusion_attention (once flash_attn_c.npu with its grad is on the branch) ------------------
 
-def _npu_or_skip():
+def _npu_or_skip(grad):
     try:
         from flash_attn_c import npu
     except ImportError:
         pytest.skip("flash_attn_c.npu is not on this branch yet")
-    if not hasattr(npu, "npu_fusion_attention_grad"):
+    if grad and not hasattr(npu, "npu_fusion_attention_grad"):
         pytest.skip("flash_attn_c.npu has no npu_fusion_attention_grad yet")
     return npu
 
 
+def test_npu_fusion_attention_forward():
+    """BNSD and BSH layouts, the NPU mask convention (True = masked), the 7-tuple result."""
+    _npu_or_skip(grad=False)
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (rand(2, 4, 12, 16, gen=gen, grad=False) for _ in range(3))  # BNSD
+    masked = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)
+    res = fat.npu_fusion_attention(q, k, v, 4, "BNSD", atten_mask=masked, scale=0.25)
+    assert len(res) == 7 and res[1].shape == (2, 4, 12, 8)
+    torch.testing.assert_close(res[0], want, atol=2e-6, rtol=1e-5)
+    bsh = [x.transpose(1, 2).reshape(2, 12, 64) for x in (q, k, v)]
+    out = fat.npu_fusion_attention(*bsh, 4, "BSH", atten_mask=masked, scale=0.25)[0]
+    torch.testing.assert_close(out, want.transpose(1, 2).reshape(2, 12, 64), atol=2e-6, rtol=1e-5)
+
+
 def test_npu_fusion_attention_grad_matches_sdpa():
-    _npu_or_skip()
+    _npu_or_skip(grad=True)
     gen = torch.Generator().manual_seed(14)
     q, k, v = (rand(2, 4, 12, 16, gen=gen) for _ in range(3))  # BNSD
-    causal_masked = torch.ones(12, 12, dtype=torch.bool).triu(1)  # NPU: True = masked
-    res = fat.npu_fusion_attention(q, k, v, 4, "BNSD", atten_mask=causal_masked, scale=0.25,
-                                   sparse_mode=0)
-    assert len(res) == 7
+    masked = torch.ones(12, 12, dtype=torch.bool).triu(1)  # NPU: True = masked
     check_against_sdpa(
-        lambda q, k, v: fat.npu_fusion_attention(q, k, v, 4, "BNSD", atten_mask=causal_masked,
+        lambda q, k, v: fat.npu_fusion_attention(q, k, v, 4, "BNSD", atten_mask=masked,
                                                  scale=0.25)[0],
         (q, k, v), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                   scale=0.25), torch.float32)
+    pse = rand(1, 4, 12, 12, gen=gen)
+    assert torch.autograd.gradcheck(
+        lambda q, p: fat.npu_fusion_attention(q, k.double(), v.double(), 4, "BNSD", pse=p,
+                                              scale=0.25)[0],
+        (q.detach().double().requires_grad_(), pse.detach().double().requires_grad_()))
 
 
 # ---- training ------------------------------------------------------------------------------------
