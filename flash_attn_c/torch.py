@@ -3,9 +3,12 @@
 Importing this module imports torch; nothing else in flash_attn_c does. Every function here is an
 adapter with no attention math: it checks that tensors are CPU tensors of a supported dtype, views
 them as NumPy arrays sharing their memory (bfloat16 through an int16 view of the storage, since
-NumPy has no bfloat16 of its own), calls the NumPy-level C-backed functions of flash_attn_c, and
-wraps the fresh result arrays as tensors (torch.from_numpy shares their memory). The only copies
-are the ones the NumPy layer makes for a non-contiguous last dimension.
+NumPy has no bfloat16 of its own), calls the NumPy-level C-backed functions of flash_attn_c (SDPA,
+which has no NumPy-level twin, calls the kernel funnel flash_attn_c._core with its mask as the
+kernel's pse/mask views), and wraps the fresh result arrays as tensors (torch.from_numpy shares
+their memory). The only copies are the ones the NumPy layer makes for a non-contiguous last
+dimension, and the small ones of an SDPA attn_mask (negated or divided by the scale) before it
+is broadcast.
 
 Gradients come from the C backward kernels through torch.autograd.Function classes named as in
 flash-attn (FlashAttnFunc, ...). Differences from flash-attn on CUDA, all deliberate:

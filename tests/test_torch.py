@@ -236,7 +236,7 @@ def sdpa_pair(*args, **kw):
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 @pytest.mark.parametrize("case", ["bool", "float", "causal_rect", "bool_causal", "gqa", "5d", "3d",
-                                  "bcast_batch", "masked_rows"])
+                                  "bcast_batch", "bcast_head", "masked_rows"])
 def test_sdpa_matches_torch(dtype, case):
     dt = DTYPES[dtype]
     gen = torch.Generator().manual_seed(8)
@@ -259,6 +259,8 @@ def test_sdpa_matches_torch(dtype, case):
         shape_q, shape_k = (4, 9, 16), (4, 13, 16)
     elif case == "bcast_batch":
         shape_k = (1, 4, 13, 16)
+    elif case == "bcast_head":
+        shape_k = (2, 1, 13, 16)  # one kv head broadcasts even without enable_gqa
     q, k, v = rand(*shape_q, dtype=dt, gen=gen), rand(*shape_k, dtype=dt, gen=gen), rand(
         *shape_k, dtype=dt, gen=gen)
     check_against_sdpa(lambda q, k, v: fat.scaled_dot_product_attention(q, k, v, **kw), (q, k, v),
@@ -291,6 +293,23 @@ def test_sdpa_errors():
         fat.scaled_dot_product_attention(torch.randn(1, 4, 4, 8), x, x)
     with pytest.raises(TypeError, match="attn_mask"):
         fat.scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(4, 4, dtype=torch.int32))
+
+
+def test_deterministic_across_threads():
+    """Bitwise identical outputs and gradients for 1 and 2 kernel threads (dropout included)."""
+    gen = torch.Generator().manual_seed(15)
+    qkv = rand(2, 70, 3, 4, 32, gen=gen)
+    results = []
+    old = flash_attn_c.get_num_threads()
+    try:
+        for n in (1, 2):
+            flash_attn_c.set_num_threads(n)
+            torch.manual_seed(3)
+            out = fat.flash_attn_qkvpacked_func(qkv, 0.1, causal=True)
+            results.append((out, *torch.autograd.grad(out.square().sum(), qkv)))
+    finally:
+        flash_attn_c.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 # ---- dropout -------------------------------------------------------------------------------------
