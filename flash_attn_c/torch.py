@@ -35,12 +35,13 @@ from ._core import backward as _kernel_backward
 from ._core import forward as _kernel_forward
 from ._runtime import bfloat16 as _np_bfloat16
 
-__version__ = "2.8.3"  # the flash-attn release whose public API this module reproduces
+# install() reports this as flash_attn.__version__: the flash-attn release whose API is served.
+FLASH_ATTN_VERSION = "2.8.3"
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-# ---- tensor <-> array, without copies --------------------------------------------------------------
+# ---- tensor <-> array, without copies ------------------------------------------------------------
 
 def _check_tensor(t, name):
     """A clear error for anything the CPU kernels cannot read in place."""
@@ -126,7 +127,7 @@ def _outputs(ctx, out, lse, s_dmask, return_softmax):
     return out_t, lse_t, sd_t
 
 
-# ---- flash-attn: fixed length ------------------------------------------------------------------------
+# ---- flash-attn: fixed length --------------------------------------------------------------------
 
 def _fixed_forward(ctx, packed, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                    alibi_slopes, deterministic, return_softmax):
@@ -218,7 +219,7 @@ class FlashAttnKVPackedFunc(torch.autograd.Function):
         return (_tensor(dq), _tensor(np.stack((dk, dv), axis=2))) + (None,) * 8
 
 
-# ---- flash-attn: variable length ---------------------------------------------------------------------
+# ---- flash-attn: variable length -----------------------------------------------------------------
 
 def _varlen_forward(ctx, packed, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                     dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -321,7 +322,7 @@ class FlashAttnVarlenKVPackedFunc(torch.autograd.Function):
         return (_tensor(dq), _tensor(np.stack((dk, dv), axis=1))) + (None,) * 12
 
 
-# ---- flash-attn public functions (flash_attn/flash_attn_interface.py signatures) ---------------------
+# ---- flash-attn public functions (flash_attn/flash_attn_interface.py signatures) -----------------
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
@@ -414,7 +415,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return _tensor(result)
 
 
-# ---- torch.nn.functional.scaled_dot_product_attention ------------------------------------------------
+# ---- torch.nn.functional.scaled_dot_product_attention --------------------------------------------
 
 class _SDPAFunc(torch.autograd.Function):
     """Attention on (b, s, h, d) views with an optional additive bias and boolean mask, both
@@ -448,7 +449,8 @@ class _SDPAFunc(torch.autograd.Function):
         sk = ka.shape[1]
         pse = None if bias is None else np.broadcast_to(_array(bias, "attn_mask"), (b, h, sq, sk))
         mask = None if masked is None else np.broadcast_to(masked.numpy(), (b, h, sq, sk))
-        arrays = (V.last_dim_contiguous(x) for x in (_array(dout, "dout"), qa, ka, va, _array(out, "out")))
+        arrays = (V.last_dim_contiguous(x)
+                  for x in (_array(dout, "dout"), qa, ka, va, _array(out, "out")))
         want_dpse = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dpse = _kernel_backward(
             *arrays, scale=scale, lse=lse.numpy(), right=right, anchor_br=False,
@@ -510,7 +512,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise ValueError(f"value: head dim {value.shape[-1]} differs from query's {E}; flash_attn_c "
                          "kernels need one head dim for query, key and value")
     if value.shape[-2] != S or hv != hk:
-        raise ValueError(f"value: expected {hk} heads and {S} keys (as key), got shape {tuple(value.shape)}")
+        raise ValueError(f"value: expected {hk} heads and {S} keys (as key), "
+                         f"got shape {tuple(value.shape)}")
     if hq != hk and not (hk == 1 or (enable_gqa and hq % hk == 0)):
         raise ValueError(f"key: {hk} heads do not match query's {hq}"
                          + ("" if enable_gqa else " (pass enable_gqa=True for grouped-query attention)"))
@@ -556,7 +559,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.reshape(batch + (hq, L, E)) if query.dim() > 2 else out.reshape(L, E)
 
 
-# ---- torch_npu ---------------------------------------------------------------------------------------
+# ---- torch_npu -----------------------------------------------------------------------------------
 
 def _npu():
     """flash_attn_c.npu, imported on first use (it lands separately from this module)."""
@@ -633,7 +636,7 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
                                          input_layout, options)
 
 
-# ---- `import flash_attn` -----------------------------------------------------------------------------
+# ---- `import flash_attn` -------------------------------------------------------------------------
 
 _FLASH_ATTN_EXPORTS = ("flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
                        "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
@@ -662,7 +665,7 @@ def install():
     package = types.ModuleType("flash_attn", "flash-attn 2.8 API on the CPU (flash_attn_c.torch).")
     for name in _FLASH_ATTN_EXPORTS:
         setattr(package, name, getattr(this, name))
-    package.__version__ = __version__
+    package.__version__ = FLASH_ATTN_VERSION
     package.__all__ = list(_FLASH_ATTN_EXPORTS)
     package.__path__ = []  # a package, so `import flash_attn.flash_attn_interface` is looked up
     package.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None, is_package=True)
