@@ -27,6 +27,8 @@ import types
 
 import numpy as np
 import torch
+# The backward kernels are not themselves differentiable: a double backward must fail loudly.
+from torch.autograd.function import once_differentiable
 
 from . import _validate as V
 from . import flash_attn_interface as _fa
@@ -184,6 +186,7 @@ class FlashAttnFunc(torch.autograd.Function):
                               return_softmax)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, *unused):
         dq, dk, dv = _fixed_backward(ctx, dout, _q_k_v_views)
         return (_tensor(dq), _tensor(dk), _tensor(dv)) + (None,) * 8
@@ -199,6 +202,7 @@ class FlashAttnQKVPackedFunc(torch.autograd.Function):
                               window_size, softcap, alibi_slopes, deterministic, return_softmax)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, *unused):
         dq, dk, dv = _fixed_backward(ctx, dout, _qkv_views)
         return (_tensor(np.stack((dq, dk, dv), axis=2)),) + (None,) * 8
@@ -214,6 +218,7 @@ class FlashAttnKVPackedFunc(torch.autograd.Function):
                               window_size, softcap, alibi_slopes, deterministic, return_softmax)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, *unused):
         dq, dk, dv = _fixed_backward(ctx, dout, _q_kv_views)
         return (_tensor(dq), _tensor(np.stack((dk, dv), axis=2))) + (None,) * 8
@@ -283,6 +288,7 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
                                block_table)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, *unused):
         dq, dk, dv = _varlen_backward(ctx, dout, _q_k_v_views)
         return (_tensor(dq), _tensor(dk), _tensor(dv)) + (None,) * 13
@@ -299,6 +305,7 @@ class FlashAttnVarlenQKVPackedFunc(torch.autograd.Function):
                                window_size, softcap, alibi_slopes, deterministic, return_softmax)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, *unused):
         dq, dk, dv = _varlen_backward(ctx, dout, _varlen_qkv_views)
         return (_tensor(np.stack((dq, dk, dv), axis=1)),) + (None,) * 10
@@ -317,6 +324,7 @@ class FlashAttnVarlenKVPackedFunc(torch.autograd.Function):
                                return_softmax)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, *unused):
         dq, dk, dv = _varlen_backward(ctx, dout, _varlen_q_kv_views)
         return (_tensor(dq), _tensor(np.stack((dk, dv), axis=1))) + (None,) * 12
@@ -441,6 +449,7 @@ class _SDPAFunc(torch.autograd.Function):
         return out_t
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse, bias, masked = ctx.saved_tensors
         scale, right, dropout_p, seed = ctx.options
@@ -588,6 +597,7 @@ class _NPUFusionAttentionFunc(torch.autograd.Function):
         return out, smax, ssum, sout, seed, offset, numels
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, *unused):
         npu = _npu()
         if not hasattr(npu, "npu_fusion_attention_grad"):

@@ -408,6 +408,10 @@ def test_errors():
         fat.flash_attn_func(x, x.double(), x)
     with pytest.raises(TypeError, match="query: expected a CPU tensor"):
         fat.scaled_dot_product_attention(x.to("meta"), x, x)
+    qd = torch.randn(1, 4, 2, 8, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fat.flash_attn_func(qd, qd, qd).sum(), qd, create_graph=True)
+    with pytest.raises(RuntimeError):  # no silent zero second derivatives
+        g.sum().backward()
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(TypeError, match="cu_seqlens_q"):
         fat.flash_attn_varlen_func(x[0], x[0], x[0], cu.float(), cu, 4, 4)
