@@ -339,6 +339,33 @@ def test_dropout_replay_matches_reported_mask():
     assert torch.equal(again, out) and not torch.equal(other, out)
 
 
+def test_sdpa_dropout_replays_like_flash_attn():
+    """SDPA and flash_attn_func draw the same seed from torch's generator and address the mask by
+    (batch, head, row, col), so with sq == sk (top-left = bottom-right causal) they drop the same
+    entries: outputs and gradients agree, and SDPA's gradients match the reference's for the mask
+    that S_dmask reports."""
+    gen = torch.Generator().manual_seed(16)
+    q, k, v = (rand(2, 4, 20, 16, gen=gen) for _ in range(3))  # BNSD
+    g = torch.randn(2, 4, 20, 16, generator=gen)
+    torch.manual_seed(5)
+    a = fat.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=True)
+    ga = torch.autograd.grad(a, (q, k, v), g)
+    torch.manual_seed(5)
+    b, lse, s_dmask = fat.flash_attn_func(*(x.transpose(1, 2) for x in (q, k, v)), 0.25,
+                                          causal=True, return_attn_probs=True)
+    gb = torch.autograd.grad(b, (q, k, v), g.transpose(1, 2))
+    torch.testing.assert_close(a, b.transpose(1, 2), rtol=0, atol=0)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    keep = ~np.signbit(s_dmask.numpy())
+    bshd = [x.detach().transpose(1, 2).numpy() for x in (q, k, v)]
+    want = reference.flash_attn_bwd(g.transpose(1, 2).numpy(), *bshd,
+                                    b.detach().numpy(), lse.numpy(), 0.25, causal=True,
+                                    dropout_mask=keep)
+    for name, x, d in zip(("dq", "dk", "dv"), ga, want):
+        assert_attention_close(x.transpose(1, 2).numpy(), d, name=name)
+
+
 def test_sdpa_dropout_statistics():
     """With dropout the outputs differ from torch's (different generators) but agree on average:
     dropout is unbiased, so the mean over many draws approaches the dropout-free output."""
