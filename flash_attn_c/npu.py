@@ -548,7 +548,7 @@ def _invalid_stats(rmax, rsum):
     np.copyto(rsum, FLT_MAX, where=empty_rows)
 
 
-def _run_fixed(g, o, common, mask, band, prefix, pse, acc):
+def _run_fixed(g, common, mask, band, prefix, pse, acc):
     out, out_k = _out_array(g, g.q.dtype)
     smax = empty((g.b, g.h, g.sq, 8), acc)
     ssum = empty((g.b, g.h, g.sq, 8), acc)
@@ -708,7 +708,7 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     if g.tnd:
         out, smax, ssum = _run_tnd(g, o, common, mask, bands, prefix_arr, pse_view, acc)
     else:
-        out, smax, ssum = _run_fixed(g, o, common, mask, band, prefix_arr, pse_view, acc)
+        out, smax, ssum = _run_fixed(g, common, mask, band, prefix_arr, pse_view, acc)
     softmax_out = np.empty((0,), dtype=g.q.dtype)
     return out, smax, ssum, softmax_out, int(seed), int(offset), int(g.numels)
 
