@@ -747,10 +747,11 @@ def npu_flash_attention(query, key, value, head_num, input_layout, pse=None, pad
                         atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=INT32_MAX,
                         next_tockens=INT32_MAX, inner_precise=1, prefix=None,
                         actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
-                        gen_mask_parallel=True, sync=False):
-    """The legacy torch_npu (torch 1.11 builds) name: npu_fusion_attention with its 6.0.0 signature
-    (no softmax_layout or sink) and inner_precise=1 by default (same numbers as 0)."""
+                        gen_mask_parallel=True, sync=False, softmax_layout="", sink=None):
+    """The legacy torch_npu (torch 1.11 builds) name: npu_fusion_attention with inner_precise=1
+    by default (same numbers as 0). Its 6.0.0 signature ends at sync; softmax_layout and sink are
+    accepted too (as flash_attn_c.reference does), so newer call sites also work."""
     return npu_fusion_attention(query, key, value, head_num, input_layout, pse, padding_mask,
                                 atten_mask, scale, keep_prob, pre_tockens, next_tockens,
                                 inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen,
-                                sparse_mode, gen_mask_parallel, sync)
+                                sparse_mode, gen_mask_parallel, sync, softmax_layout, sink)
