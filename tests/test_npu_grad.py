@@ -115,7 +115,7 @@ def test_fixed_layout_modes(layout, mode, i):
 # ---- pse forms and dpse ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pse_shape", ["BNSS", "1NSS", "BN1S", "1N1S"])
-@pytest.mark.parametrize("dtype", ["f32", "bf16", "f64"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "f64"])
 def test_pse_shapes(pse_shape, dtype):
     rng = np.random.default_rng(200)
     dt = DTYPES[dtype]
@@ -126,6 +126,20 @@ def test_pse_shapes(pse_shape, dtype):
     mask = rng.random((b, h, sq, sk)) < 0.2
     run_grad(q, k, v, h, "BSND", rng=rng, pse=pse, atten_mask=mask, scale=0.25,
              pre_tockens=6, next_tockens=3)
+
+
+@pytest.mark.parametrize("mask_shape", ["BNSS", "B1SS", "11SS", "SS"])
+@pytest.mark.parametrize("mode,mask_dtype", [(0, bool), (1, np.uint8)])
+def test_mask_shapes(mask_shape, mode, mask_dtype):
+    rng = np.random.default_rng(250)
+    b, h, hk, sq, sk, d = 2, 4, 2, 8, 12, 16
+    q, k, v = (randn(rng, (b, s, n, d), np.float32) for s, n in ((sq, h), (sk, hk), (sk, hk)))
+    shape = {"BNSS": (b, h, sq, sk), "B1SS": (b, 1, sq, sk), "11SS": (1, 1, sq, sk),
+             "SS": (sq, sk)}[mask_shape]
+    mask = rng.random(shape) < 0.25
+    mask[..., np.arange(sq), np.arange(sq)] = False  # key i is inside mode 0's band of row i
+    run_grad(q, k, v, h, "BSND", rng=rng, atten_mask=mask.astype(mask_dtype), sparse_mode=mode,
+             pre_tockens=5, next_tockens=3, scale=0.3)
 
 
 def alibi_compressed(rng, p0, n, s, cols, dtype):
