@@ -105,8 +105,8 @@ def backward(dout, q, k, v, out, *, scale, lse=None, rowmax=None, rowsum=None, v
         sequence are not written).
 
     Returns (dq, dk, dv, dpse or None): dq with q's shape, dk/dv with k's shape, C-contiguous (or
-    the given ``grads``), in the input dtype (accumulated in float32/float64 and rounded once). For varlen, rows of the
-    packed tensors that belong to no sequence are 0.
+    the given ``grads``), in the input dtype (accumulated in float32/float64 and rounded once).
+    For varlen, rows of the packed tensors that belong to no sequence are 0.
     """
     acc = np.float64 if q.dtype == np.float64 else np.float32
     if grads is None:

@@ -16,7 +16,6 @@ from flash_attn_c.testing import assert_attention_close
 
 from conftest import DTYPES, ISAS, noncontiguous, randn, using_isa
 
-FLT_MAX = float(np.finfo(np.float32).max)
 TRIU = np.triu(np.ones((2048, 2048), bool), 1)  # the compressed mask of modes 2, 3, 4, 7, 8
 PREFIX_MASK = np.concatenate([TRIU, np.zeros((1024, 2048), bool)])  # mode 6: [3072, 2048]
 PREFIX_MASK[2048:, 1024:] = True
@@ -427,7 +426,8 @@ ERRORS = [
     (ValueError, r"softmax_sum: expected shape", dict(softmax_sum=lambda p: p[5][:1])),
     (TypeError, r"softmax_max: expected dtype float32", dict(softmax_max=lambda p: p[4].astype(np.float16))),
     (ValueError, r"softmax_max/softmax_sum: give both", dict(softmax_sum=None)),
-    (ValueError, r"attention_in: required when keep_prob < 1", dict(attention_in=None, keep_prob=0.9, numels=144)),
+    (ValueError, r"attention_in: required when keep_prob < 1",
+     dict(attention_in=None, keep_prob=0.9, numels=144)),
     (ValueError, r"numels: expected 144", dict(keep_prob=0.9, numels=5)),
     (ValueError, r"seed: expected an integer in \[0, 2\*\*64\)", dict(keep_prob=0.9, numels=144, seed=-1)),
     (TypeError, r"offset: expected an integer", dict(keep_prob=0.9, numels=144, offset=1.5)),
