@@ -348,7 +348,10 @@ def test_dropout_replay(dtype):
     assert not np.array_equal(other[2], got[2])
 
 
-def test_dropout_replay_tnd():
+@pytest.mark.parametrize("mode", [2, 8])
+def test_dropout_replay_tnd(mode):
+    """Mode 8 splits the batches into several kernel calls (the first batch has its own band):
+    the replayed mask must still be keyed by the global batch index."""
     rng = np.random.default_rng(710)
     h, hk, d = 4, 2, 8
     lq, lk = [4, 0, 7, 3], [5, 2, 9, 3]
@@ -356,7 +359,8 @@ def test_dropout_replay_tnd():
     q = randn(rng, (sum(lq), h, d), np.float32)
     k, v = (randn(rng, (sum(lk), hk, d), np.float32) for _ in range(2))
     kw = dict(scale=0.3, keep_prob=0.7, actual_seq_qlen=cq, actual_seq_kvlen=ck,
-              atten_mask=TRIU, sparse_mode=2, softmax_layout="TND")
+              atten_mask=TRIU, sparse_mode=mode, pre_tockens=100, next_tockens=2,
+              softmax_layout="TND")
     fa.manual_seed(5)
     res = fa.npu_fusion_attention(q, k, v, h, "TND", **kw)
     fa.manual_seed(5)
