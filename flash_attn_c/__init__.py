@@ -20,6 +20,7 @@ from .flash_attn_interface import (
     flash_attn_varlen_bwd,
 )
 from .npu import npu_flash_attention, npu_fusion_attention
+from .npu_grad import npu_fusion_attention_grad
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "flash_attn_varlen_bwd",
     "npu_fusion_attention",
     "npu_flash_attention",
+    "npu_fusion_attention_grad",
     "manual_seed",
     "cpu_info",
     "set_num_threads",

@@ -65,7 +65,7 @@ def forward(q, k, v, *, scale, out_shape=None, lse_shape=None, varlen=False, sof
 def backward(dout, q, k, v, out, *, scale, lse=None, rowmax=None, rowsum=None, varlen=False,
              softcap=0.0, left=None, right=None, anchor_br=True, alibi=None, dropout_p=0.0, seed=0,
              offset=0, pse=None, mask=None, mask_fill=-np.inf, invalid_line_zero=False, sink=None,
-             prefix=None, cu_q=None, cu_k=None, want_dpse=False):
+             prefix=None, cu_q=None, cu_k=None, want_dpse=False, grads=None):
     """Run the backward kernel; the one funnel for every front-end's gradient.
 
     Arguments (all already validated and laid out by the front-end; nothing is copied here):
@@ -97,14 +97,23 @@ def backward(dout, q, k, v, out, *, scale, lse=None, rowmax=None, rowsum=None, v
         accumulator dtype: (b, h, sq, sk), or (b, h, 1, sk) summed over rows when ``pse`` is
         broadcast over rows (stride 0). The caller sums it over pse's other broadcast dims and
         casts it to pse's dtype. Entries outside each row's band are 0.
+    grads
+        Optional (dq, dk, dv) views of q's, k's and k's shape (writable, last dim contiguous) that
+        the kernel writes instead of fresh arrays: front-ends whose gradient order is not the
+        kernel's (torch_npu's BNSD/SBH layouts) pass views of arrays in their own order, so no
+        gradient is copied into place. For varlen the caller zero-fills them (rows outside every
+        sequence are not written).
 
-    Returns (dq, dk, dv, dpse or None): dq with q's shape, dk/dv with k's shape, C-contiguous, in
-    the input dtype (accumulated in float32/float64 and rounded once). For varlen, rows of the
-    packed tensors that belong to no sequence are 0.
+    Returns (dq, dk, dv, dpse or None): dq with q's shape, dk/dv with k's shape, C-contiguous (or
+    the given ``grads``), in the input dtype (accumulated in float32/float64 and rounded once).
+    For varlen, rows of the packed tensors that belong to no sequence are 0.
     """
     acc = np.float64 if q.dtype == np.float64 else np.float32
-    alloc = np.zeros if varlen else empty
-    dq, dk, dv = alloc(q.shape, q.dtype), alloc(k.shape, k.dtype), alloc(v.shape, v.dtype)
+    if grads is None:
+        alloc = np.zeros if varlen else empty
+        dq, dk, dv = alloc(q.shape, q.dtype), alloc(k.shape, k.dtype), alloc(v.shape, v.dtype)
+    else:
+        dq, dk, dv = grads
     if varlen:
         args = [x[None] for x in (dout, q, k, v, out, dq, dk, dv)]
         lse, rowmax, rowsum = (None if x is None else x[None] for x in (lse, rowmax, rowsum))
