@@ -17,6 +17,7 @@ from .flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_varlen_fwd,
 )
+from .npu import npu_flash_attention, npu_fusion_attention
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "flash_attn_varlen_fwd",
     "flash_attn_with_kvcache",
     "combine_partials",
+    "npu_fusion_attention",
+    "npu_flash_attention",
     "manual_seed",
     "cpu_info",
     "set_num_threads",
