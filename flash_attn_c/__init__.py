@@ -18,6 +18,8 @@ from .flash_attn_interface import (
     flash_attn_varlen_fwd,
 )
 from .npu import npu_flash_attention, npu_fusion_attention
+from .npu_infer import (npu_fused_infer_attention_score, npu_incre_flash_attention,
+                        npu_prompt_flash_attention)
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,9 @@ __all__ = [
     "combine_partials",
     "npu_fusion_attention",
     "npu_flash_attention",
+    "npu_prompt_flash_attention",
+    "npu_incre_flash_attention",
+    "npu_fused_infer_attention_score",
     "manual_seed",
     "cpu_info",
     "set_num_threads",
