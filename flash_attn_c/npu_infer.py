@@ -78,10 +78,10 @@ def _int_list(x, name):
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
         x = [x]
     a = V.as_array(x, name)
+    if a.ndim != 1 or a.shape[0] == 0:  # checked first: [] reads as float64
+        raise ValueError(f"{name}: expected a non-empty 1-D list, got shape {tuple(a.shape)}")
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected a list of integers, got dtype {a.dtype}")
-    if a.ndim != 1 or a.shape[0] == 0:
-        raise ValueError(f"{name}: expected a non-empty 1-D list, got shape {tuple(a.shape)}")
     a = a.astype(np.int64)
     if a.min() < 0:
         raise ValueError(f"{name}: entries must be >= 0, got {a.tolist()}")
