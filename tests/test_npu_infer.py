@@ -15,6 +15,8 @@ from flash_attn_c import bfloat16
 from flash_attn_c import reference as R
 from flash_attn_c.testing import assert_attention_close, assert_lse_close
 
+from conftest import using_threads
+
 INT32_MAX = 2147483647
 DTYPES = [np.float32, np.float16, bfloat16]
 COMPRESSED = np.triu(np.ones((2048, 2048), bool), 1)
@@ -479,6 +481,15 @@ def test_other_errors():
     with pytest.raises(ValueError, match="actual_seq_lengths"):
         fa.npu_prompt_flash_attention(q[:, 0], k[:, 0], v[:, 0], num_heads=2, input_layout="TND",
                                       actual_seq_lengths=[2, 1], actual_seq_lengths_kv=[1, 2])
+    with pytest.raises(NotImplementedError, match="pse_shift"):
+        fa.npu_prompt_flash_attention(q[:, 0], k[:, 0], v[:, 0], num_heads=2, input_layout="TND",
+                                      actual_seq_lengths=[2], actual_seq_lengths_kv=[2],
+                                      pse_shift=np.zeros((1, 2, 2, 2), np.float16))
+    with pytest.raises(NotImplementedError, match="block_table"):
+        fa.npu_fused_infer_attention_score(q[:, 0], k[:, 0], v[:, 0], num_heads=2,
+                                           input_layout="TND", actual_seq_lengths=[2],
+                                           actual_seq_lengths_kv=[2],
+                                           block_table=np.zeros((1, 1), np.int32), block_size=2)
     with pytest.raises(ValueError, match="pre_tokens"):
         fa.npu_prompt_flash_attention(q, k, v, num_heads=2, input_layout="BSND",
                                       atten_mask=np.zeros((1, 8), bool), pre_tokens=-2,
@@ -513,3 +524,25 @@ def test_prompt_matches_fusion_attention_without_pse(mode):
                                             scale_value=0.3, input_layout=layout, **kw)
         np.testing.assert_allclose(ref, fus, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(got, fus, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_isa_and_thread_count(isa, dtype):
+    """The inference-only kernel path (pse after scale) with paging, masks and lengths on each
+    kernel family, single- and multi-threaded."""
+    rng = np.random.default_rng(700)
+    b, sq, sk, n, nkv, d = 2, 37, 70, 4, 2, 40
+    q4 = randn(rng, (b, sq, n, d), dtype)
+    k4 = randn(rng, (b, sk, nkv, d), dtype)
+    v4 = randn(rng, (b, sk, nkv, d), dtype)
+    kc, vc, table = paged_cache(rng, k4, v4, "BNSD", 16, [70, 51])
+    kw = dict(num_heads=n, num_key_value_heads=nkv, scale=0.2, input_layout="BNSD_BSND",
+              block_table=table, block_size=16, actual_seq_lengths=[37, 20],
+              actual_seq_lengths_kv=[70, 51], atten_mask=rng.random((sq, 80)) < 0.2,
+              pre_tokens=30, next_tokens=40, pse_shift=randn(rng, (b, n, sq, 80), dtype),
+              softmax_lse_flag=True)
+    q = to_layout(q4, "BNSD")
+    for threads in (1, 3):
+        with using_threads(threads):
+            check(fa.npu_fused_infer_attention_score, R.npu_fused_infer_attention_score,
+                  (q, kc, vc), kw, dtype, lse=True)
