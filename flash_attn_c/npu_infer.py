@@ -443,6 +443,9 @@ def _attention(query, key, value, *, op, layouts, decode_rule, pse_shift, atten_
     if mode not in (0, 1, 2, 3, 4):
         raise ValueError(f"sparse_mode: expected 0, 1, 2, 3 or 4, got {mode}")
     paged = block_table is not None
+    if lay_in in ("TND", "NTD") and (paged or kv_padding_size is not None):
+        raise NotImplementedError("block_table/kv_padding_size: not supported yet with "
+                                  "input_layout TND")
     g = _geometry(query, key, value, lay_in, n, nkv, paged)
     decode = (not g.tnd and g.sq == 1) if decode_rule is None else decode_rule
     if decode and g.sq != 1:
@@ -451,9 +454,6 @@ def _attention(query, key, value, *, op, layouts, decode_rule, pse_shift, atten_
                          f"npu_fused_infer_attention_score)")
 
     if g.tnd:
-        if paged or kv_padding_size is not None:
-            raise NotImplementedError("block_table/kv_padding_size: not supported yet with "
-                                      "input_layout TND")
         if q_lengths is None or kv_lengths is None:
             raise ValueError("actual_seq_lengths and actual_seq_lengths_kv: both are required with "
                              "input_layout TND (cumulative ends)")
