@@ -348,9 +348,9 @@ def _check_tokens(mode, pre, nxt):
 
 # ---- the call ----------------------------------------------------------------------------------
 
-def _out_arrays(g, out_layout, want_lse):
-    """The output in its own layout (C-contiguous) and the kernel's (b, s, n, d) / (t, n, d) view;
-    the lse (B, N, Sq) or (N, T) when wanted."""
+def _out_arrays(g, out_layout):
+    """The output in its own layout (C-contiguous) and the kernel's (b, s, n, d) / (t, n, d)
+    view of it, so the kernel writes every output layout in place."""
     if g.tnd:
         if out_layout == "NTD":
             out = empty((g.h, g.tq, g.d), g.dtype)
@@ -470,9 +470,9 @@ def _attention(query, key, value, *, op, layouts, decode_rule, pse_shift, atten_
         g.lq = (np.full(g.b, g.sq, np.int64) if q_lengths is None else
                 _per_batch(q_lengths, "actual_seq_lengths", g.b, g.sq))
         g.kv_cap = g.k.shape[1]
+        # A paged call's key capacity comes from block_table; _paging checks the lengths there.
         g.lk = None if kv_lengths is None else _per_batch(
-            kv_lengths, _kv_lengths_name(op), g.b,
-            _block_cap(block_table, block_size, g) if paged else g.kv_cap)
+            kv_lengths, _kv_lengths_name(op), g.b, INT32_MAX if paged else g.kv_cap)
     table = kstart = None
     if paged:
         table = _paging(g, block_table, block_size)
@@ -496,7 +496,7 @@ def _attention(query, key, value, *, op, layouts, decode_rule, pse_shift, atten_
             left, right, anchor_br = _band(mode, pre, nxt, g.sq + g.kv_cap + 1)
     pse = None if pse_shift is None else _pse_view(pse_shift, g)
 
-    out, out_k = _out_arrays(g, lay_out, True)
+    out, out_k = _out_arrays(g, lay_out)
     acc = np.float64 if g.dtype == np.float64 else np.float32
     lse = None
     if want_lse:
@@ -514,13 +514,6 @@ def _attention(query, key, value, *, op, layouts, decode_rule, pse_shift, atten_
 
 def _kv_lengths_name(op):
     return "actual_seq_lengths" if op == "npu_incre_flash_attention" else "actual_seq_lengths_kv"
-
-
-def _block_cap(block_table, block_size, g):
-    """Largest key length a paged call can address (validated in _paging)."""
-    bt = np.shape(block_table)
-    bs = V.to_int(block_size, "block_size")
-    return (bt[1] if len(bt) == 2 else 0) * max(bs, 0)
 
 
 # ---- public functions --------------------------------------------------------------------------
