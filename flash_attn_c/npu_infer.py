@@ -11,7 +11,7 @@ views, and calls the one forward kernel.
 Semantics shared by the three ops (docs/npu_infer.md lists every difference from the NPU):
 
 - score = scale * q.k + pse_shift (pse added after scaling, unlike npu_fusion_attention), masked
-  entries -FLT_MAX (a row whose visible keys are all masked averages value, as on the NPU), keys
+  entries -1e12 (a row whose visible keys are all masked averages value, as on the NPU), keys
   outside the sparse band or the actual lengths are not visited (a row that sees no key gives 0).
 - The band and the right-down anchor use each batch's actual lengths.
 - Rows past a batch's actual query length are 0 (their softmax_lse +inf).
@@ -23,9 +23,11 @@ from ._core import forward
 from ._runtime import empty
 
 INT32_MAX = 2147483647
-# torch_npu fills masked scores with -FLT_MAX, not -inf: a fully masked row then averages value
-# over its visible keys instead of producing NaN.
-FLT_MAX = float(np.finfo(np.float32).max)
+# The inference kernels replace masked scores by -1e12 (BOOL_ATTEN_MASK_SCALAR_VALUE in CANN's
+# FIA/IFA/PFA vector code), not -inf and not the training op's -FLT_MAX: a fully masked row then
+# averages value over its visible keys, its lse is about -1e12, and the invalid-row correction
+# recognises it by that max.
+MASK_FILL = -1e12
 _COMPRESSED = 2048  # sparse_mode 2/3/4 take the [2048, 2048] lower-triangular mask
 
 _PFA_LAYOUTS = ("BSH", "BSND", "BNSD", "BNSD_BSND", "TND")
@@ -501,7 +503,7 @@ def _attention(query, key, value, *, op, layouts, decode_rule, pse_shift, atten_
     lse = None
     if want_lse:
         lse = empty((g.h, g.tq) if g.tnd else (g.b, g.h, g.sq), acc)
-    common = dict(scale=scale, left=left, right=right, anchor_br=anchor_br, mask_fill=-FLT_MAX,
+    common = dict(scale=scale, left=left, right=right, anchor_br=anchor_br, mask_fill=MASK_FILL,
                   invalid_line_zero=invalid_line_zero, pse_after_scale=True)
     if g.tnd:
         _run_tnd(g, out_k, lse, common, mask)
@@ -533,7 +535,7 @@ def npu_prompt_flash_attention(query, key, value, *, padding_mask=None, atten_ma
 
     - actual_seq_lengths / actual_seq_lengths_kv: per-batch query / key lengths (one entry is
       broadcast, extra entries ignored); query rows past a batch's length are 0.
-    - atten_mask bool/uint8, 1 = masked (score -FLT_MAX): (Sq, Skv), (B|1, Sq, Skv) or
+    - atten_mask bool/uint8, 1 = masked (score -1e12): (Sq, Skv), (B|1, Sq, Skv) or
       (B|1, 1, Sq, Skv). sparse_mode 0: mask plus the left-up band -pre_tokens <= j - i <=
       next_tokens (next_tokens defaults to 0: causal); 1: mask only; 2/3: left-up / right-down
       causal; 4: right-down band; 2-4 take the compressed (2048, 2048) mask. Without atten_mask

@@ -8,7 +8,7 @@ table, GQA heads are repeated, and each batch builds its full score matrix, its 
 section 4) and its mask matrix before a plain softmax. No code is shared with the front-end.
 
 The semantics are the ones docs/npu_infer.md states:
-  S = scale * Q K^T + pse_shift;  S[masked] = -FLT_MAX;  keys outside the band or the actual
+  S = scale * Q K^T + pse_shift;  S[masked] = -1e12;  keys outside the band or the actual
   lengths are not part of the row;  P = softmax(S);  O = P V;  lse = max + log(sum).
 A row without any key gives O = 0 and lse = +inf; with FIA inner_precise bit 1 a row whose keys
 are all masked gives O = 0 too. Rows past a batch's actual query length are 0 (lse +inf).
@@ -17,7 +17,7 @@ import numpy as np
 
 from .reference import _Precision
 
-FLT_MAX = float(np.finfo(np.float32).max)
+MASK_FILL = -1e12  # what the NPU inference kernels write into masked scores
 INT32_MAX = 2147483647
 
 
@@ -98,7 +98,7 @@ def _one_batch(qb, kb, vb, scale, pse_b, band, masked, invalid_line, prec):
     s = prec(prec.mm(q, k.transpose(0, 2, 1)) * scale)
     if pse_b is not None:
         s = prec(s + prec(pse_b))
-    s = np.where(masked, -FLT_MAX, s)
+    s = np.where(masked, MASK_FILL, s)
     seen = np.broadcast_to(band, s.shape)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         m = np.where(seen, s, -np.inf).max(axis=-1, initial=-np.inf)
@@ -107,7 +107,7 @@ def _one_batch(qb, kb, vb, scale, pse_b, band, masked, invalid_line, prec):
         p = np.where(total[..., None] > 0, e / np.where(total > 0, total, 1.0)[..., None], 0.0)
         lse = np.where(total > 0, m + np.log(np.where(total > 0, total, 1.0)), np.inf)
     if invalid_line:
-        dead = m == -FLT_MAX  # every visible key masked
+        dead = m == MASK_FILL  # every visible key masked
         p = np.where(dead[..., None], 0.0, p)
     out = prec.mm(prec(p), v)
     return out, lse
