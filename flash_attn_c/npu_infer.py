@@ -187,6 +187,9 @@ def _geometry(query, key, value, layout, n, nkv, paged):
     if paged:
         k4, v4 = _cache(k, "key", layout, nkv, d), _cache(v, "value", layout, nkv, d)
     else:
+        if layout == "BSH" and k.ndim == 3 and k.shape[-1] != nkv * d:
+            raise ValueError(f"key: hidden size {k.shape[-1]} must be num_key_value_heads ({nkv}; 0 "
+                             f"means num_heads) * D ({d}, from query and num_heads)")
         k4, v4 = _bsnd(k, "key", layout, nkv), _bsnd(v, "value", layout, nkv)
         for a, name in ((k4, "key"), (v4, "value")):
             if a.shape[-2] != nkv:

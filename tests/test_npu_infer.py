@@ -465,6 +465,9 @@ def test_other_errors():
                                      input_layout="BSND")
     with pytest.raises(ValueError, match="input_layout"):
         fa.npu_incre_flash_attention(q, k, v, num_heads=2, input_layout="TND")
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        qh, kh = q.reshape(2, 1, 16), k.reshape(2, 8, 16)
+        fa.npu_incre_flash_attention(qh, kh[..., :8], kh[..., :8], num_heads=2)
     with pytest.raises(ValueError, match="inner_precise"):
         fa.npu_incre_flash_attention(q, k, v, num_heads=2, input_layout="BSND", inner_precise=2)
     with pytest.raises(NotImplementedError, match="padding_mask"):
