@@ -16,6 +16,8 @@ from .flash_attn_interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
     flash_attn_varlen_fwd,
+    flash_attn_bwd,
+    flash_attn_varlen_bwd,
 )
 from .npu import npu_flash_attention, npu_fusion_attention
 from .npu_infer import (npu_fused_infer_attention_score, npu_incre_flash_attention,
@@ -34,6 +36,8 @@ __all__ = [
     "flash_attn_varlen_fwd",
     "flash_attn_with_kvcache",
     "combine_partials",
+    "flash_attn_bwd",
+    "flash_attn_varlen_bwd",
     "npu_fusion_attention",
     "npu_flash_attention",
     "npu_prompt_flash_attention",

@@ -60,3 +60,65 @@ def forward(q, k, v, *, scale, out_shape=None, lse_shape=None, varlen=False, sof
            anchor_br=anchor_br, alibi=alibi, dropout_p=dropout_p, seed=seed, offset=offset,
            s_dmask=s_dmask, **extra)
     return out, lse, s_dmask
+
+
+def backward(dout, q, k, v, out, *, scale, lse=None, rowmax=None, rowsum=None, varlen=False,
+             softcap=0.0, left=None, right=None, anchor_br=True, alibi=None, dropout_p=0.0, seed=0,
+             offset=0, pse=None, mask=None, mask_fill=-np.inf, invalid_line_zero=False, sink=None,
+             prefix=None, cu_q=None, cu_k=None, want_dpse=False):
+    """Run the backward kernel; the one funnel for every front-end's gradient.
+
+    Arguments (all already validated and laid out by the front-end; nothing is copied here):
+
+    dout, q, out
+        (b, sq, h, d) views, or (total_q, h, d) when ``varlen``; one float dtype, last dim
+        contiguous. ``out`` is the forward output O used for D = rowsum(dO * O) (the NPU grad's
+        ``attention_in``, which ring attention passes merged).
+    k, v
+        (b, sk, hk, d), or (total_k, hk, d) when ``varlen``; hk divides h (GQA/MQA).
+    scale, softcap, left, right, anchor_br, alibi, dropout_p, seed, offset, pse, mask, mask_fill,
+    invalid_line_zero, sink, prefix, cu_q, cu_k
+        Exactly what the forward was given (see ``forward`` and csrc/fa_params.h): the backward
+        recomputes the scores with them, and replays dropout from (seed, offset). ``left``/``right``
+        None = unbounded; ``alibi`` a (b, h) float32 view; ``pse`` a (b or 1, h, sq, sk) view with
+        0 strides for broadcast dims, added before ``scale``; ``mask`` bool/uint8 of the same
+        addressing (nonzero = masked, score = ``mask_fill``); ``cu_q``/``cu_k`` int64 cumulative
+        lengths with a leading 0 (both required when ``varlen``); ``prefix`` int64 (b,).
+    lse | (rowmax, rowsum)
+        The softmax statistics, in the accumulator dtype (float32; float64 for float64 inputs):
+        either ``lse`` (b, h, sq) (varlen (h, total_q)) with P = exp(s - lse), or the NPU form
+        ``rowmax`` and ``rowsum`` of that shape with P = exp(s - rowmax) / rowsum, used as given
+        (pass ``softmax_max[..., 0]`` views). Rows with lse +inf (no visible key), with
+        ``invalid_line_zero`` and lse/rowmax equal to ``mask_fill``, or with rowsum <= 0 have
+        P = 0. (A row masked entirely by a finite ``mask_fill`` needs the NPU form: its lse
+        rounds to ``mask_fill`` and no longer says how many keys it averaged.)
+    want_dpse
+        Also return dL/dpse per batch element (per sequence when varlen) and head, in the
+        accumulator dtype: (b, h, sq, sk), or (b, h, 1, sk) summed over rows when ``pse`` is
+        broadcast over rows (stride 0). The caller sums it over pse's other broadcast dims and
+        casts it to pse's dtype. Entries outside each row's band are 0.
+
+    Returns (dq, dk, dv, dpse or None): dq with q's shape, dk/dv with k's shape, C-contiguous, in
+    the input dtype (accumulated in float32/float64 and rounded once). For varlen, rows of the
+    packed tensors that belong to no sequence are 0.
+    """
+    acc = np.float64 if q.dtype == np.float64 else np.float32
+    alloc = np.zeros if varlen else empty
+    dq, dk, dv = alloc(q.shape, q.dtype), alloc(k.shape, k.dtype), alloc(v.shape, v.dtype)
+    if varlen:
+        args = [x[None] for x in (dout, q, k, v, out, dq, dk, dv)]
+        lse, rowmax, rowsum = (None if x is None else x[None] for x in (lse, rowmax, rowsum))
+    else:
+        args = [dout, q, k, v, out, dq, dk, dv]
+    dpse = None
+    if want_dpse:
+        b = len(cu_q) - 1 if varlen else q.shape[0]
+        sq = int(np.max(np.diff(cu_q))) if varlen and b else (0 if varlen else q.shape[1])
+        sk = int(np.max(np.diff(cu_k))) if varlen and b else (0 if varlen else k.shape[1])
+        rows = 1 if (pse is not None and pse.strides[2] == 0 and pse.shape[2] > 1) else max(sq, 1)
+        dpse = np.zeros((b, q.shape[-2], rows, sk), acc)
+    _C.bwd(*args, scale=scale, lse=lse, rowmax=rowmax, rowsum=rowsum, softcap=softcap, left=left,
+           right=right, anchor_br=anchor_br, alibi=alibi, cu_q=cu_q, cu_k=cu_k,
+           dropout_p=dropout_p, seed=seed, offset=offset, pse=pse, mask=mask, mask_fill=mask_fill,
+           invalid_line_zero=invalid_line_zero, sink=sink, prefix=prefix, dpse=dpse)
+    return dq, dk, dv, dpse

@@ -32,6 +32,7 @@ _COMPRESSED = (2048, 2048)       # modes 2, 3, 4, 7, 8: the pattern comes from t
 _PREFIX_COMPRESSED = (3072, 2048)  # mode 6
 _ALIBI_ROWS = 1024               # rows of the alibi-compressed pse
 _MAX_HEAD_DIM = 512              # the kernel's limit (the NPU allows 768)
+_TOCKEN_CLAMP = 1 << 62
 
 
 class _Geometry:
@@ -204,6 +205,9 @@ def _options(g, scale, keep_prob, pre_tockens, next_tockens, inner_precise, spar
              next=V.to_int(next_tockens, "next_tockens"),
              inner_precise=V.to_int(inner_precise, "inner_precise"),
              mode=V.to_int(sparse_mode, "sparse_mode"))
+    # Band sides beyond +-2**62 act like +-2**62 (sequence sizes are far smaller): keeps every
+    # later comparison within int64, also inside NumPy.
+    o["pre"], o["next"] = (min(max(o[key], -_TOCKEN_CLAMP), _TOCKEN_CLAMP) for key in ("pre", "next"))
     V.to_bool(gen_mask_parallel, "gen_mask_parallel")  # stream scheduling on the NPU: no effect here
     V.to_bool(sync, "sync")
     if not 0.0 < o["keep_prob"] <= 1.0:
@@ -238,8 +242,9 @@ def _sink(sink, h):
 # ---- bands: sparse_mode and pre/next_tockens --------------------------------------------------
 
 def _bound(x, limit):
-    """A band side as the kernel takes it: None when it reaches past every key (keeps int64 safe)."""
-    return None if x >= limit else int(x)
+    """A band side as the kernel takes it: None when it reaches past every key, and clamped at
+    -limit (already past every key on the other side), so any Python int stays int64-safe."""
+    return None if x >= limit else max(int(x), -limit)
 
 
 class _Band:

@@ -17,6 +17,7 @@
 #include "../fa_kernels.h"
 #include "../fa_params.h"
 #include "../fa_seq.h"
+#include "../fa_bwd_params.h"
 
 static PyArray_Descr *bf16_descr = NULL; /* ml_dtypes.bfloat16, registered at import */
 
@@ -694,6 +695,303 @@ static PyObject *py_combine(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ---- bwd -------------------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(bwd_doc,
+"bwd(dout, q, k, v, out, dq, dk, dv, *, scale, lse=None, rowmax=None, rowsum=None, softcap=0,\n"
+"    left=None, right=None, anchor_br=True, alibi=None, cu_q=None, cu_k=None, dropout_p=0,\n"
+"    seed=0, offset=0, pse=None, mask=None, mask_fill=-inf, invalid_line_zero=False, sink=None,\n"
+"    prefix=None, dpse=None)\n"
+"Low-level backward. q/dout/out/dq: (b, sq, h, d) views (varlen: (1, total_q, h, d) with cu_q and\n"
+"cu_k); k/v/dk/dv: (b, sk, hk, d). Statistics: lse (b, h, sq) or rowmax and rowsum (same shape;\n"
+"varlen (1, h, total_q)) in float32 (float64 for float64 inputs). dpse: zero-filled accumulator\n"
+"(b, h, sq or 1, sk). Writes dq, dk, dv (and adds into dpse) in place. Internal: use the\n"
+"functions of flash_attn_c instead.");
+
+/* A 3-D statistics array (lse, rowmax, rowsum) of shape (n0, h, n2) in the accumulator dtype. */
+static int bwd_stat(PyArrayObject *a, const char *name, int64_t n0, int64_t h, int64_t n2,
+                    fa_dtype t, int64_t *st)
+{
+    npy_intp *ls = PyArray_DIMS(a);
+    if (ls[0] != n0 || ls[1] != h || ls[2] != n2) {
+        PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld, %lld), got (%zd, %zd, %zd)",
+                     name, (long long)n0, (long long)h, (long long)n2, ls[0], ls[1], ls[2]);
+        return -1;
+    }
+    if (PyArray_TYPE(a) != (t == FA_F64 ? NPY_FLOAT64 : NPY_FLOAT32)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected float32 (float64 for float64 inputs)", name);
+        return -1;
+    }
+    return elem_strides(a, name, 0, st);
+}
+
+static PyObject *py_bwd(PyObject *self, PyObject *args, PyObject *kw)
+{
+    (void)self;
+    static char *kwlist[] = {"dout", "q", "k", "v", "out", "dq", "dk", "dv", "scale", "lse",
+                             "rowmax", "rowsum", "softcap", "left", "right", "anchor_br", "alibi",
+                             "cu_q", "cu_k", "dropout_p", "seed", "offset", "pse", "mask",
+                             "mask_fill", "invalid_line_zero", "sink", "prefix", "dpse", NULL};
+    PyObject *ob[8];
+    double scale, softcap = 0.0, dropout_p = 0.0, mask_fill = -INFINITY;
+    PyObject *olse = Py_None, *ormax = Py_None, *orsum = Py_None, *oleft = Py_None,
+             *oright = Py_None, *oalibi = Py_None, *ocuq = Py_None, *ocuk = Py_None,
+             *opse = Py_None, *omask = Py_None, *osink = Py_None, *oprefix = Py_None,
+             *odpse = Py_None;
+    int anchor_br = 1, invalid_line_zero = 0;
+    unsigned long long seed = 0, offset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOd|OOOdOOpOOOdKKOOdpOOO", kwlist, &ob[0],
+                                     &ob[1], &ob[2], &ob[3], &ob[4], &ob[5], &ob[6], &ob[7], &scale,
+                                     &olse, &ormax, &orsum, &softcap, &oleft, &oright, &anchor_br,
+                                     &oalibi, &ocuq, &ocuk, &dropout_p, &seed, &offset, &opse,
+                                     &omask, &mask_fill, &invalid_line_zero, &osink, &oprefix,
+                                     &odpse))
+        return NULL;
+
+    /* dout, q, k, v, out, dq, dk, dv: rank 4, one float dtype, last dim contiguous. */
+    static const char *names[8] = {"dout", "q", "k", "v", "out", "dq", "dk", "dv"};
+    PyArrayObject *a[8];
+    int64_t st[8][4];
+    int err;
+    for (int i = 0; i < 8; i++) {
+        a[i] = as_array(ob[i], names[i], 4, 0, &err);
+        if (err)
+            return NULL;
+    }
+    fa_bwd_params p;
+    memset(&p, 0, sizeof p);
+    fa_fwd_params *f = &p.f;
+    fa_dtype t;
+    if (dtype_of(a[1], &t) < 0) {
+        PyErr_SetString(PyExc_TypeError, "q: expected dtype float32, float16, bfloat16 or float64");
+        return NULL;
+    }
+    for (int i = 0; i < 8; i++) {
+        fa_dtype u;
+        if (dtype_of(a[i], &u) < 0 || u != t) {
+            PyErr_Format(PyExc_TypeError, "%s: expected dtype %s (the dtype of q)", names[i],
+                         dtype_name(t));
+            return NULL;
+        }
+        if (elem_strides(a[i], names[i], 1, st[i]) < 0)
+            return NULL;
+        if (i >= 5 && writable(a[i], names[i]) < 0)
+            return NULL;
+    }
+    npy_intp *qs = PyArray_DIMS(a[1]), *ks = PyArray_DIMS(a[2]);
+    for (int i = 0; i < 8; i++) {
+        npy_intp *want = (i == 2 || i == 3 || i == 6 || i == 7) ? ks : qs;
+        if (memcmp(PyArray_DIMS(a[i]), want, 4 * sizeof(npy_intp)) != 0) {
+            PyErr_Format(PyExc_ValueError, "%s: must have the shape of %s", names[i],
+                         want == ks ? "k" : "q");
+            return NULL;
+        }
+    }
+    f->dtype = t;
+    f->d = qs[3];
+    f->h = qs[2];
+    f->hk = ks[2];
+    if (ks[3] != f->d) {
+        PyErr_Format(PyExc_ValueError, "k: head dim %zd differs from q's %lld", ks[3], (long long)f->d);
+        return NULL;
+    }
+    if (f->d < 1 || f->d > 512) {
+        PyErr_Format(PyExc_ValueError, "q: head dim must be in [1, 512], got %lld", (long long)f->d);
+        return NULL;
+    }
+    if (f->hk < 1 || f->h % f->hk != 0) {
+        PyErr_Format(PyExc_ValueError, "k: %lld kv heads must divide the %lld query heads",
+                     (long long)f->hk, (long long)f->h);
+        return NULL;
+    }
+    p.dout = (fa_view){PyArray_DATA(a[0]), st[0][0], st[0][1], st[0][2]};
+    f->q = (fa_view){PyArray_DATA(a[1]), st[1][0], st[1][1], st[1][2]};
+    f->k = (fa_view){PyArray_DATA(a[2]), st[2][0], st[2][1], st[2][2]};
+    f->v = (fa_view){PyArray_DATA(a[3]), st[3][0], st[3][1], st[3][2]};
+    p.out = (fa_view){PyArray_DATA(a[4]), st[4][0], st[4][1], st[4][2]};
+    p.dq = PyArray_DATA(a[5]), p.dq_sb = st[5][0], p.dq_sr = st[5][1], p.dq_sh = st[5][2];
+    p.dk = PyArray_DATA(a[6]), p.dk_sb = st[6][0], p.dk_sr = st[6][1], p.dk_sh = st[6][2];
+    p.dv = PyArray_DATA(a[7]), p.dv_sb = st[7][0], p.dv_sr = st[7][1], p.dv_sh = st[7][2];
+    f->scale = scale;
+    f->softcap = softcap;
+    f->anchor_br = anchor_br;
+    f->mask_fill = mask_fill;
+    f->invalid_line_zero = invalid_line_zero;
+    if (!(dropout_p >= 0.0 && dropout_p < 1.0)) {
+        PyErr_Format(PyExc_ValueError, "dropout_p: must be in [0, 1), got %g", dropout_p);
+        return NULL;
+    }
+    f->dropout_p = dropout_p;
+    f->seed = seed;
+    f->offset = offset;
+    f->left = oleft == Py_None ? FA_UNBOUNDED : PyLong_AsLongLong(oleft);
+    f->right = oright == Py_None ? FA_UNBOUNDED : PyLong_AsLongLong(oright);
+    if (PyErr_Occurred())
+        return NULL;
+
+    /* Batch geometry: fixed length, or varlen with both cu_seqlens (no paged or indexed caches). */
+    int varlen = ocuq != Py_None;
+    if (varlen) {
+        PyArrayObject *cq = as_array(ocuq, "cu_seqlens_q", 1, 0, &err);
+        if (err)
+            return NULL;
+        f->b = PyArray_DIM(cq, 0) - 1;
+        if (f->b < 0 || qs[0] != 1 || ks[0] != 1) {
+            PyErr_SetString(PyExc_ValueError, "cu_seqlens_q: needs at least one entry and q, k of batch 1");
+            return NULL;
+        }
+        if (index_array(ocuq, "cu_seqlens_q", f->b + 1, &f->cu_q) < 0 ||
+            check_cu(f->cu_q, "cu_seqlens_q", f->b, qs[1]) < 0)
+            return NULL;
+        if (ocuk == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "cu_seqlens_k: required with cu_seqlens_q");
+            return NULL;
+        }
+        if (index_array(ocuk, "cu_seqlens_k", f->b + 1, &f->cu_k) < 0 ||
+            check_cu(f->cu_k, "cu_seqlens_k", f->b, ks[1]) < 0)
+            return NULL;
+        f->sq = f->sk = 0;
+        for (int64_t i = 0; i < f->b; i++) {
+            if (f->cu_q[i + 1] - f->cu_q[i] > f->sq)
+                f->sq = f->cu_q[i + 1] - f->cu_q[i];
+            if (f->cu_k[i + 1] - f->cu_k[i] > f->sk)
+                f->sk = f->cu_k[i + 1] - f->cu_k[i];
+        }
+    } else {
+        if (ocuk != Py_None) {
+            PyErr_SetString(PyExc_ValueError, "cu_seqlens_k: given without cu_seqlens_q");
+            return NULL;
+        }
+        if (ks[0] != qs[0]) {
+            PyErr_Format(PyExc_ValueError, "k: batch %zd differs from q's %zd", ks[0], qs[0]);
+            return NULL;
+        }
+        f->b = qs[0];
+        f->sq = qs[1];
+        f->sk = ks[1];
+    }
+    if (index_array(oprefix, "prefix", f->b, &f->prefix) < 0)
+        return NULL;
+
+    /* Softmax statistics: lse, or the NPU's rowmax and rowsum. */
+    int64_t s0 = varlen ? 1 : f->b, s2 = varlen ? qs[1] : f->sq, sst[3];
+    PyArrayObject *lse = as_array(olse, "lse", 3, 1, &err);
+    if (err)
+        return NULL;
+    PyArrayObject *rmax = as_array(ormax, "rowmax", 3, 1, &err);
+    if (err)
+        return NULL;
+    PyArrayObject *rsum = as_array(orsum, "rowsum", 3, 1, &err);
+    if (err)
+        return NULL;
+    if ((lse != NULL) == (rmax != NULL || rsum != NULL) || (rmax == NULL) != (rsum == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "softmax statistics: give lse, or both rowmax and rowsum");
+        return NULL;
+    }
+    if (lse) {
+        if (bwd_stat(lse, "lse", s0, f->h, s2, t, sst) < 0)
+            return NULL;
+        p.lse = PyArray_DATA(lse);
+        p.lse_sb = sst[0], p.lse_sh = sst[1], p.lse_sr = sst[2];
+    } else {
+        int64_t sst2[3];
+        if (bwd_stat(rmax, "rowmax", s0, f->h, s2, t, sst) < 0 ||
+            bwd_stat(rsum, "rowsum", s0, f->h, s2, t, sst2) < 0)
+            return NULL;
+        if (memcmp(sst, sst2, sizeof sst) != 0) {
+            PyErr_SetString(PyExc_ValueError, "rowmax and rowsum: must have the same strides");
+            return NULL;
+        }
+        p.rowmax = PyArray_DATA(rmax);
+        p.rowsum = PyArray_DATA(rsum);
+        p.stat_sb = sst[0], p.stat_sh = sst[1], p.stat_sr = sst[2];
+    }
+
+    PyArrayObject *al = as_array(oalibi, "alibi_slopes", 2, 1, &err);
+    if (err)
+        return NULL;
+    if (al) {
+        int64_t ast[2];
+        if (check_dtype(al, "alibi_slopes", NPY_FLOAT32) < 0 ||
+            elem_strides(al, "alibi_slopes", 1, ast) < 0)
+            return NULL;
+        if (PyArray_DIM(al, 0) != f->b || PyArray_DIM(al, 1) != f->h) {
+            PyErr_Format(PyExc_ValueError, "alibi_slopes: expected (broadcast) shape (%lld, %lld)",
+                         (long long)f->b, (long long)f->h);
+            return NULL;
+        }
+        f->alibi = (const float *)PyArray_DATA(al);
+        f->alibi_sb = ast[0];
+    }
+    PyArrayObject *sk_arr = as_array(osink, "sink", 1, 1, &err);
+    if (err)
+        return NULL;
+    if (sk_arr) {
+        if (check_dtype(sk_arr, "sink", NPY_FLOAT32) < 0)
+            return NULL;
+        if (!PyArray_IS_C_CONTIGUOUS(sk_arr) || PyArray_DIM(sk_arr, 0) != f->h) {
+            PyErr_Format(PyExc_ValueError, "sink: expected a contiguous array of length %lld",
+                         (long long)f->h);
+            return NULL;
+        }
+        f->sink = (const float *)PyArray_DATA(sk_arr);
+    }
+
+    int64_t st4[4];
+    PyArrayObject *pse_arr, *mask_arr, *dpse_arr;
+    int64_t qb = varlen ? 1 : f->b;
+    if (aux4(opse, "pse", qb, f->h, f->sq, f->sk, &pse_arr, st4) < 0)
+        return NULL;
+    if (pse_arr) {
+        if (dtype_of(pse_arr, &f->pse_dtype) < 0) {
+            PyErr_SetString(PyExc_TypeError, "pse: expected a floating dtype");
+            return NULL;
+        }
+        f->pse = PyArray_DATA(pse_arr);
+        f->pse_sb = st4[0], f->pse_sh = st4[1], f->pse_sr = st4[2], f->pse_sc = st4[3];
+    }
+    if (aux4(omask, "atten_mask", qb, f->h, f->sq, f->sk, &mask_arr, st4) < 0)
+        return NULL;
+    if (mask_arr) {
+        if (PyArray_TYPE(mask_arr) != NPY_UINT8 && PyArray_TYPE(mask_arr) != NPY_BOOL) {
+            PyErr_SetString(PyExc_TypeError, "atten_mask: expected dtype bool or uint8");
+            return NULL;
+        }
+        f->mask = (const uint8_t *)PyArray_DATA(mask_arr);
+        f->mask_sb = st4[0], f->mask_sh = st4[1], f->mask_sr = st4[2], f->mask_sc = st4[3];
+    }
+    /* dpse: one row (summed over rows) or a row per query row; a batch per sequence. */
+    dpse_arr = as_array(odpse, "dpse", 4, 1, &err);
+    if (err)
+        return NULL;
+    if (dpse_arr) {
+        npy_intp *ds = PyArray_DIMS(dpse_arr);
+        int rows_ok = ds[2] == 1 || ds[2] >= f->sq;
+        if (ds[0] != f->b || ds[1] != f->h || !rows_ok || ds[3] < f->sk) {
+            PyErr_Format(PyExc_ValueError, "dpse: expected shape (%lld, %lld, 1 or >=%lld, >=%lld)",
+                         (long long)f->b, (long long)f->h, (long long)f->sq, (long long)f->sk);
+            return NULL;
+        }
+        if (PyArray_TYPE(dpse_arr) != (t == FA_F64 ? NPY_FLOAT64 : NPY_FLOAT32)) {
+            PyErr_SetString(PyExc_TypeError, "dpse: expected float32 (float64 for float64 inputs)");
+            return NULL;
+        }
+        if (writable(dpse_arr, "dpse") < 0 || elem_strides(dpse_arr, "dpse", 0, st4) < 0)
+            return NULL;
+        p.dpse = PyArray_DATA(dpse_arr);
+        p.dpse_sb = st4[0], p.dpse_sh = st4[1], p.dpse_sc = st4[3];
+        p.dpse_sr = ds[2] == 1 ? 0 : st4[2]; /* a single row receives the sum over rows */
+    }
+
+    fa_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fa_bwd(&p);
+    Py_END_ALLOW_THREADS
+    if (status_to_error(status) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* ---- runtime ---------------------------------------------------------------------------------- */
 
 static PyObject *isa_list(unsigned mask)
@@ -795,6 +1093,7 @@ static PyMethodDef methods[] = {
     {"fwd", (PyCFunction)(void (*)(void))py_fwd, METH_VARARGS | METH_KEYWORDS, fwd_doc},
     {"rotary", py_rotary, METH_VARARGS, rotary_doc},
     {"combine", py_combine, METH_VARARGS, combine_doc},
+    {"bwd", (PyCFunction)(void (*)(void))py_bwd, METH_VARARGS | METH_KEYWORDS, bwd_doc},
     {"isa_state", py_isa_state, METH_NOARGS, "Selected, supported and compiled ISAs."},
     {"select_isa", py_select_isa, METH_O, "Select the kernel family by name."},
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest family this CPU supports and the build has."},

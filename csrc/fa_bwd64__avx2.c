@@ -1,0 +1,12 @@
+/* fa_bwd64__avx2.c: the backward kernel (fa_bwd_impl.h) with float64 accumulation for float64 inputs, AVX2 + FMA: 4 double lanes.
+ * Register tile: 4 rows x 2 vectors; blocks of FA_BWD_BLOCK_ROWS query rows x
+ * FA_BWD_BLOCK_KEYS keys, so one item's packed K/V, Q/dO and S/dP blocks stay in L2 for d <= 256. */
+#include "fa_bwd_params.h"
+#define FA_MR 4
+#define FA_NR 2
+
+#define FA_ACC double
+#define FA_ACC_IS_DOUBLE 1
+#define FA_VBYTES 32
+#define FA_NAME(x) fa_bwd_f64__avx2_##x
+#include "fa_bwd_impl.h"

@@ -1,0 +1,158 @@
+/* fa_bwd_driver.c: run the backward on threads.
+ *
+ * Three phases in one OpenMP region, separated by the barriers of its work-sharing loops:
+ *   1. prep over (batch, head, 64-row block): D and the row statistics into a workspace
+ *      (3 * heads * rows accumulators: the only extra memory besides one scratch per thread);
+ *   2. dkdv over (batch, kv head, key block): each item owns its dK/dV rows (GQA groups included);
+ *   3. dq over (batch, head, query block): each item owns its dQ rows.
+ * No output element is touched by two items and every item sums in a fixed order, so the results
+ * are bitwise identical for any thread count. Items are handed out dynamically, costliest first
+ * (causal and varlen work is uneven), as the forward driver does. Splitting keys into blocks keeps
+ * every core busy even for one long sequence with few heads.
+ *
+ * The kernel family follows the forward's selection (fa_isa_selected); a family without a backward
+ * build (AMX for now) uses the best one below it.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "fa_bwd_params.h"
+#include "fa_kernels.h"
+#include "fa_seq.h"
+
+#define BWD_KERNEL(name)                                                                           \
+    {name##_prep, name##_dkdv, name##_dq, name##_scratch, FA_BWD_BLOCK_ROWS, FA_BWD_BLOCK_KEYS}
+
+static const fa_bwd_kernel bwd_tables[FA_ISA_COUNT][2] = {
+    [FA_ISA_SCALAR] = {BWD_KERNEL(fa_bwd_f32__scalar), BWD_KERNEL(fa_bwd_f64__scalar)},
+    [FA_ISA_AVX2] = {BWD_KERNEL(fa_bwd_f32__avx2), BWD_KERNEL(fa_bwd_f64__avx2)},
+    [FA_ISA_AVX512] = {BWD_KERNEL(fa_bwd_f32__avx512), BWD_KERNEL(fa_bwd_f64__avx512)},
+};
+
+static const fa_bwd_kernel *bwd_kernel(int f64)
+{
+    int isa = (int)fa_isa_selected();
+    while (isa > 0 && !bwd_tables[isa][f64].dkdv)
+        isa--;
+    return &bwd_tables[isa][f64];
+}
+
+typedef struct {
+    int64_t cost;
+    int64_t bi, h, x0; /* batch, head (kv head for dkdv), first row or key */
+} bwd_item;
+
+static int by_cost_desc(const void *a, const void *b)
+{
+    const bwd_item *x = a, *y = b;
+    if (x->cost != y->cost)
+        return x->cost > y->cost ? -1 : 1;
+    if (x->bi != y->bi)
+        return x->bi < y->bi ? -1 : 1;
+    if (x->h != y->h)
+        return x->h < y->h ? -1 : 1;
+    return x->x0 < y->x0 ? -1 : x->x0 > y->x0;
+}
+
+/* Visible (row, key) pairs of rows [q0, q0 + n) within keys [k0, k1), estimated from the first and
+ * last row of each 64-row block (bands are nearly monotone; only the schedule depends on this). */
+static int64_t pairs(const fa_fwd_params *p, const fa_seq *s, int64_t q0, int64_t n, int64_t k0,
+                     int64_t k1)
+{
+    int64_t total = 0;
+    for (int64_t r0 = q0; r0 < q0 + n; r0 += 64) {
+        int64_t m = q0 + n - r0 < 64 ? q0 + n - r0 : 64, lo0, hi0, lo1, hi1;
+        fa_row_band(p, s, r0, &lo0, &hi0);
+        fa_row_band(p, s, r0 + m - 1, &lo1, &hi1);
+        int64_t lo = lo0 < lo1 ? lo0 : lo1, hi = hi0 > hi1 ? hi0 : hi1;
+        lo = lo > k0 ? lo : k0;
+        hi = hi < k1 ? hi : k1;
+        total += hi > lo ? m * (hi - lo) : 0;
+    }
+    return total;
+}
+
+fa_status fa_bwd(const fa_bwd_params *p)
+{
+    const fa_fwd_params *f = &p->f;
+    const fa_bwd_kernel *k = bwd_kernel(f->dtype == FA_F64);
+    const int64_t br = k->block_rows, bc = k->block_keys, G = f->h / f->hk;
+    const size_t acc = f->dtype == FA_F64 ? 8 : 4;
+
+    int64_t rows = f->cu_q ? f->cu_q[f->b] : f->b * f->sq;
+    int64_t nq = 0, nk = 0;
+    for (int64_t bi = 0; bi < f->b; bi++) {
+        fa_seq s = fa_seq_of(f, bi);
+        nq += (s.sq + br - 1) / br * f->h;
+        nk += (s.sk + bc - 1) / bc * f->hk;
+    }
+    if (nq + nk == 0)
+        return FA_OK;
+
+    bwd_item *qi = malloc((size_t)(nq + nk) * sizeof(bwd_item));
+    void *wsbuf = malloc(3 * (size_t)(rows * f->h) * acc + 64);
+    if (!qi || !wsbuf) {
+        free(qi);
+        free(wsbuf);
+        return FA_ERR_NOMEM;
+    }
+    bwd_item *ki = qi + nq;
+    fa_bwd_ws ws = {wsbuf, (char *)wsbuf + (size_t)(rows * f->h) * acc,
+                    (char *)wsbuf + 2 * (size_t)(rows * f->h) * acc, rows};
+    int64_t a = 0, b = 0;
+    for (int64_t bi = 0; bi < f->b; bi++) {
+        fa_seq s = fa_seq_of(f, bi);
+        for (int64_t q0 = 0; q0 < s.sq; q0 += br) {
+            int64_t n = s.sq - q0 < br ? s.sq - q0 : br;
+            int64_t cost = pairs(f, &s, q0, n, 0, s.sk) + n;
+            for (int64_t h = 0; h < f->h; h++)
+                qi[a++] = (bwd_item){cost, bi, h, q0};
+        }
+        for (int64_t k0 = 0; k0 < s.sk; k0 += bc) {
+            int64_t k1 = s.sk - k0 < bc ? s.sk : k0 + bc;
+            int64_t cost = G * pairs(f, &s, 0, s.sq, k0, k1) + (k1 - k0);
+            for (int64_t hk = 0; hk < f->hk; hk++)
+                ki[b++] = (bwd_item){cost, bi, hk, k0};
+        }
+    }
+    qsort(qi, (size_t)nq, sizeof(bwd_item), by_cost_desc);
+    qsort(ki, (size_t)nk, sizeof(bwd_item), by_cost_desc);
+
+    const size_t bytes = (k->scratch_bytes(p) + 63) / 64 * 64;
+    int64_t most = nq > nk ? nq : nk;
+    int nt = fa_get_num_threads();
+    if (nt > most)
+        nt = (int)most;
+    volatile int failed = FA_OK;
+#pragma omp parallel num_threads(nt)
+    {
+        void *buf = aligned_alloc(64, bytes);
+        if (!buf)
+            failed = FA_ERR_NOMEM;
+        /* The loops below always run to their barriers, even after a failure, so no thread waits
+         * forever; a failed allocation only skips work. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < nq; it++)
+            k->prep(p, &ws, qi[it].bi, qi[it].h, qi[it].x0, br);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < nk; it++) {
+            if (!buf || failed != FA_OK)
+                continue;
+            fa_status st = k->dkdv(p, &ws, ki[it].bi, ki[it].h, ki[it].x0, buf);
+            if (st != FA_OK)
+                failed = st;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < nq; it++) {
+            if (!buf || failed != FA_OK)
+                continue;
+            fa_status st = k->dq(p, &ws, qi[it].bi, qi[it].h, qi[it].x0, buf);
+            if (st != FA_OK)
+                failed = st;
+        }
+        free(buf);
+    }
+    free(qi);
+    free(wsbuf);
+    return (fa_status)failed;
+}

@@ -1,0 +1,547 @@
+/* fa_bwd_impl.h: the FlashAttention-2 backward kernel, written once and compiled per ISA.
+ *
+ * A per-ISA translation unit (fa_bwd__scalar.c, fa_bwd__avx2.c, fa_bwd__avx512.c and the fa_bwd64__
+ * float64 builds) defines
+ *   FA_ACC, FA_ACC_IS_DOUBLE, FA_VBYTES   accumulator type and vector width (see fa_vec.h)
+ *   FA_MR, FA_NR    register tile of the micro-kernel: FA_MR rows x FA_NR vectors
+ *   FA_NAME(x)      the name of symbol x for this build
+ * and includes this file. Blocks are FA_BWD_BLOCK_ROWS query rows by FA_BWD_BLOCK_KEYS keys.
+ *
+ * The math is the one stated in fa_bwd_params.h (Dao 2023, Algorithm 2). Three entry points:
+ *   prep  D_i = dO_i . O_i and the per-row P = exp(s - m) * il statistics, per (batch, head, rows).
+ *   dkdv  one key block of one (batch, kv head): K and V are packed once; for each query head of
+ *         the GQA group (in order) and each query block whose band reaches the key block (in
+ *         order) it recomputes S, P, dP, dS and accumulates dV += (P z r)^T dO, dK += dX^T Q.
+ *         The item owns its dK/dV rows, so the group sum needs no reduction and has a fixed order.
+ *   dq    one query block of one (batch, head): for each key block of its band (in order) it
+ *         recomputes S, P, dP, dS and accumulates dQ += dX K.
+ * Recomputing S and dP in both passes costs 7 block GEMMs per (query block, key block) instead of
+ * FlashAttention-2's 5, and buys what atomics would otherwise give: any number of threads, no
+ * races, bitwise-identical results for every thread count, and scratch O(block * d) per thread.
+ *
+ * Every block GEMM is one micro-kernel shape: C[rows x cols] (+)= A . B with B row-major in
+ * vectors and A read through two strides, broadcast one element at a time, so A may be a
+ * transposed view (P^T, dS^T) at no packing cost. K and V are packed transposed (d x keys) for the
+ * products with Q and dO, K also row-major (keys x dpad) for dQ; Q and dO row-major (rows x dpad).
+ * Packed buffers are zero-padded to whole vectors and whole register tiles, so padding contributes
+ * exact zeros. Accumulation is in acc_t throughout and each gradient is rounded once when stored.
+ */
+#include <math.h>
+#include <float.h>
+#include <string.h>
+
+#include "fa_bwd_params.h"
+#include "fa_seq.h"
+#include "fa_philox.h"
+#include "fa_vec.h"
+
+#define BR FA_BWD_BLOCK_ROWS
+#define BC FA_BWD_BLOCK_KEYS
+#define DPAD(d) (((d) + VLEN - 1) / VLEN * VLEN)
+#define RUP(n, m) (((n) + (m) - 1) / (m) * (m))
+
+/* ---- element conversions --------------------------------------------------------------------- */
+
+FA_INLINE float bw_bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16; /* bfloat16 is the high half of a float32 */
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+FA_INLINE uint16_t bw_f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) /* NaN stays a (quiet) NaN instead of rounding to inf */
+        return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16); /* round half to even */
+}
+
+/* n elements of type t at src into acc_t at dst. */
+FA_INLINE void bw_load(fa_dtype t, const void *src, int64_t n, acc_t *dst)
+{
+    if (t == FA_F32) {
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = (acc_t)((const float *)src)[i];
+    } else if (t == FA_F64) {
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = (acc_t)((const double *)src)[i];
+    } else if (t == FA_F16) {
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = (acc_t)(float)((const _Float16 *)src)[i];
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = (acc_t)bw_bf16_to_f32(((const uint16_t *)src)[i]);
+    }
+}
+
+/* n acc_t values rounded once to type t. */
+FA_INLINE void bw_store(fa_dtype t, const acc_t *src, int64_t n, void *dst)
+{
+    if (t == FA_F32) {
+        for (int64_t i = 0; i < n; i++)
+            ((float *)dst)[i] = (float)src[i];
+    } else if (t == FA_F64) {
+        for (int64_t i = 0; i < n; i++)
+            ((double *)dst)[i] = (double)src[i];
+    } else if (t == FA_F16) {
+        for (int64_t i = 0; i < n; i++)
+            ((_Float16 *)dst)[i] = (_Float16)(float)src[i];
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            ((uint16_t *)dst)[i] = bw_f32_to_bf16((float)src[i]);
+    }
+}
+
+FA_INLINE acc_t bw_one(fa_dtype t, const void *base, int64_t idx)
+{
+    acc_t x;
+    bw_load(t, (const char *)base + idx * fa_dtype_size(t), 1, &x);
+    return x;
+}
+
+/* ---- the micro-kernel and the block GEMM ------------------------------------------------------ */
+
+/* C[FA_MR x NV*VLEN] (+)= A[FA_MR x kn] . B[kn x NV*VLEN], A(r, k) = A[r*ars + k*aks]. The FA_MR x NV
+ * accumulators stay in registers for the whole k loop: per k, NV vector loads of B and FA_MR
+ * broadcasts feed FA_MR*NV FMAs. */
+FA_INLINE void bw_tile(const int NV, const int add, const acc_t *restrict A, int64_t ars,
+                       int64_t aks, const acc_t *restrict B, int64_t ldb, int64_t kn,
+                       acc_t *restrict C, int64_t ldc)
+{
+    vec_t acc[FA_MR][FA_NR];
+    for (int r = 0; r < FA_MR; r++)
+        for (int v = 0; v < NV; v++)
+            acc[r][v] = add ? vload(C + r * ldc + v * VLEN) : vsplat(0);
+    for (int64_t k = 0; k < kn; k++) {
+        vec_t b[FA_NR];
+        for (int v = 0; v < NV; v++)
+            b[v] = vload(B + k * ldb + v * VLEN);
+        for (int r = 0; r < FA_MR; r++) {
+            vec_t a = vsplat(A[r * ars + k * aks]);
+            for (int v = 0; v < NV; v++)
+                acc[r][v] += a * b[v];
+        }
+    }
+    for (int r = 0; r < FA_MR; r++)
+        for (int v = 0; v < NV; v++)
+            vstore(C + r * ldc + v * VLEN, acc[r][v]);
+}
+
+/* C[rows x cols] (+)= A . B; rows a multiple of FA_MR, cols of VLEN. The register tile's vector
+ * count is a compile-time constant in each instance, chosen for the columns left. */
+static void bw_gemm(int add, int64_t rows, int64_t cols, int64_t kn, const acc_t *A, int64_t ars,
+                    int64_t aks, const acc_t *B, int64_t ldb, acc_t *C, int64_t ldc)
+{
+    for (int64_t c0 = 0; c0 < cols; c0 += FA_NR * VLEN) {
+        int64_t nv = (cols - c0) / VLEN;
+        for (int64_t r0 = 0; r0 < rows; r0 += FA_MR) {
+            const acc_t *a = A + r0 * ars;
+            acc_t *c = C + r0 * ldc + c0;
+            if (nv >= FA_NR) {
+                if (add)
+                    bw_tile(FA_NR, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                else
+                    bw_tile(FA_NR, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+            } else if (nv == 1) {
+                if (add)
+                    bw_tile(1, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                else
+                    bw_tile(1, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+            } else if (FA_NR > 2 && nv == 2) {
+                if (add)
+                    bw_tile(2, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                else
+                    bw_tile(2, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+            } else if (FA_NR > 3 && nv == 3) {
+                if (add)
+                    bw_tile(3, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                else
+                    bw_tile(3, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+            }
+        }
+    }
+}
+
+/* ---- scratch ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    acc_t *Kt, *Vt; /* d x BC: keys transposed */
+    acc_t *Kr;      /* BC x dpad: keys row-major (dq pass) */
+    acc_t *dK, *dV; /* BC x dpad accumulators (dkdv pass) */
+    acc_t *Q, *dO;  /* BR x dpad */
+    acc_t *dQ;      /* BR x dpad accumulator (dq pass) */
+    acc_t *S, *dP;  /* BR x BC: scores -> P z r; dO V^T -> dX */
+    acc_t *G, *Z;   /* BC: per-row chain factor and dropout keep * r */
+    acc_t *stat;    /* 3 x BR: m, il, D of the block's rows */
+    int64_t *lo, *hi;
+} bw_scratch;
+
+#define PIECE(n) (((size_t)(n) * sizeof(acc_t) + 63) / 64 * 64)
+#define IPIECE(n) (((size_t)(n) * sizeof(int64_t) + 63) / 64 * 64)
+
+size_t FA_NAME(scratch)(const fa_bwd_params *p)
+{
+    const int64_t d = p->f.d, dp = DPAD(d);
+    return 2 * PIECE(d * BC) + 3 * PIECE(BC * dp) + 3 * PIECE(BR * dp) + 2 * PIECE(BR * BC) +
+           2 * PIECE(BC) + PIECE(3 * BR) + 2 * IPIECE(BR);
+}
+
+static bw_scratch bw_carve(void *buf, int64_t d)
+{
+    const int64_t dp = DPAD(d);
+    char *q = (char *)buf;
+    bw_scratch w;
+#define TAKE(field, n) (w.field = (acc_t *)q, q += PIECE(n))
+    TAKE(Kt, d * BC);
+    TAKE(Vt, d * BC);
+    TAKE(Kr, BC * dp);
+    TAKE(dK, BC * dp);
+    TAKE(dV, BC * dp);
+    TAKE(Q, BR * dp);
+    TAKE(dO, BR * dp);
+    TAKE(dQ, BR * dp);
+    TAKE(S, BR * BC);
+    TAKE(dP, BR * BC);
+    TAKE(G, BC);
+    TAKE(Z, BC);
+    TAKE(stat, 3 * BR);
+#undef TAKE
+    w.lo = (int64_t *)q, q += IPIECE(BR);
+    w.hi = (int64_t *)q;
+    return w;
+}
+
+/* ---- packing ------------------------------------------------------------------------------------ */
+
+/* Keys [k0, k0 + nc) of kv head hk from view v, transposed into T (d x BC, columns nc..ncp zero)
+ * and, when R is not NULL, row-major into R (BC x dpad, padding zero). tmp holds dpad values. */
+static void bw_pack_keys(const fa_bwd_params *p, const fa_view *v, const fa_seq *s, int64_t hk,
+                         int64_t k0, int64_t nc, int64_t ncp, acc_t *T, acc_t *R, acc_t *tmp)
+{
+    const int64_t d = p->f.d, dp = DPAD(d), es = fa_dtype_size(p->f.dtype);
+    for (int64_t c = 0; c < nc; c++) {
+        acc_t *row = R ? R + c * dp : tmp;
+        bw_load(p->f.dtype, fa_key_ptr(&p->f, v, s, k0 + c, hk, es), d, row);
+        for (int64_t k = d; k < dp; k++)
+            row[k] = 0;
+        for (int64_t k = 0; k < d; k++)
+            T[k * BC + c] = row[k];
+    }
+    for (int64_t k = 0; k < d; k++)
+        for (int64_t c = nc; c < ncp; c++)
+            T[k * BC + c] = 0;
+    if (R)
+        for (int64_t c = nc; c < RUP(ncp, FA_MR); c++)
+            for (int64_t k = 0; k < dp; k++)
+                R[c * dp + k] = 0;
+}
+
+/* Rows [q0, q0 + nr) of head h of a q-shaped view into X (rows x dpad), rows up to nrp zero. */
+static void bw_pack_rows(const fa_bwd_params *p, const fa_view *v, const fa_seq *s, int64_t h,
+                         int64_t q0, int64_t nr, int64_t nrp, acc_t *X)
+{
+    const int64_t d = p->f.d, dp = DPAD(d), es = fa_dtype_size(p->f.dtype);
+    for (int64_t r = 0; r < nrp; r++) {
+        acc_t *row = X + r * dp;
+        int64_t k = 0;
+        if (r < nr) {
+            const char *src = (const char *)v->ptr +
+                              (s->q_batch * v->sb + (s->q_row0 + q0 + r) * v->sr + h * v->sh) * es;
+            bw_load(p->f.dtype, src, d, row);
+            k = d;
+        }
+        for (; k < dp; k++)
+            row[k] = 0;
+    }
+}
+
+/* Index of (head h, row i of sequence s) in the preprocess workspace. */
+FA_INLINE int64_t bw_ws_at(const fa_bwd_params *p, const fa_bwd_ws *ws, const fa_seq *s, int64_t h,
+                           int64_t i)
+{
+    int64_t row = p->f.cu_q ? s->q_row0 + i : s->bi * p->f.sq + i;
+    return h * ws->rows + row;
+}
+
+/* ---- preprocess --------------------------------------------------------------------------------- */
+
+void FA_NAME(prep)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t h, int64_t q0,
+                   int64_t n)
+{
+    const fa_fwd_params *f = &p->f;
+    const fa_seq s = fa_seq_of(f, bi);
+    const int64_t d = f->d, es = fa_dtype_size(f->dtype);
+    acc_t *D = (acc_t *)ws->D, *M = (acc_t *)ws->m, *IL = (acc_t *)ws->il;
+    const acc_t fill = (acc_t)f->mask_fill;
+    for (int64_t i = q0; i < q0 + n && i < s.sq; i++) {
+        const int64_t pr = s.q_row0 + i;
+        const char *dor =
+            (const char *)p->dout.ptr + (s.q_batch * p->dout.sb + pr * p->dout.sr + h * p->dout.sh) * es;
+        const char *orow =
+            (const char *)p->out.ptr + (s.q_batch * p->out.sb + pr * p->out.sr + h * p->out.sh) * es;
+        acc_t dsum = 0;
+        for (int64_t k = 0; k < d; k++)
+            dsum += bw_one(f->dtype, dor, k) * bw_one(f->dtype, orow, k);
+        /* Statistics are stored per packed row for varlen (batch stride ignored), as the forward
+         * writes them. */
+        const int64_t sr = f->cu_q ? pr : i, sb = f->cu_q ? 0 : bi;
+        acc_t m, il;
+        if (p->lse) {
+            acc_t l = ((const acc_t *)p->lse)[sb * p->lse_sb + h * p->lse_sh + sr * p->lse_sr];
+            int dead = !(l < (acc_t)INFINITY) || (f->invalid_line_zero && l == fill);
+            m = dead ? (acc_t)INFINITY : l;
+            il = dead ? 0 : 1;
+        } else {
+            const int64_t o = sb * p->stat_sb + h * p->stat_sh + sr * p->stat_sr;
+            acc_t mx = ((const acc_t *)p->rowmax)[o], sm = ((const acc_t *)p->rowsum)[o];
+            int dead = !(sm > 0) || !(mx > (acc_t)-INFINITY) || !(mx < (acc_t)INFINITY) ||
+                       (f->invalid_line_zero && mx == fill);
+            m = dead ? (acc_t)INFINITY : mx;
+            il = dead ? 0 : (acc_t)1 / sm;
+        }
+        const int64_t at = bw_ws_at(p, ws, &s, h, i);
+        D[at] = dsum;
+        M[at] = m;
+        IL[at] = il;
+    }
+}
+
+/* ---- one row of one block: scores -> P, dS ------------------------------------------------------ */
+
+/* Row i (of sequence s, query head h) against keys kb0 + [0, ncp): on entry S holds q.k and dP
+ * holds dO.v; on return S holds P z r (what dV needs) and dP holds dX (what dQ, dK and dpse
+ * need). Keys outside [c0, c1) are outside the band: P = 0 and dX = 0 there. */
+static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i, int64_t kb0,
+                   int64_t ncp, int64_t c0, int64_t c1, acc_t m, acc_t il, acc_t Di, acc_t *S,
+                   acc_t *dP, acc_t *G, acc_t *Z, uint64_t thr)
+{
+    const fa_fwd_params *f = &p->f;
+    if (c0 >= c1 || il == 0) {
+        memset(S, 0, (size_t)ncp * sizeof(acc_t));
+        memset(dP, 0, (size_t)ncp * sizeof(acc_t));
+        return;
+    }
+    if (f->pse) {
+        const int64_t base = s->q_batch * f->pse_sb + h * f->pse_sh + i * f->pse_sr;
+        for (int64_t c = c0; c < c1; c++)
+            S[c] += bw_one(f->pse_dtype, f->pse, base + (kb0 + c) * f->pse_sc);
+    }
+    /* Scores exactly as the forward forms them (so exp(s - lse) reproduces its P), and the chain
+     * factor G = ds/dx = scale * g'(scale x). */
+    const acc_t scale = (acc_t)f->scale;
+    const int softcap = f->softcap > 0;
+    const acc_t cap = (acc_t)f->softcap, inv_cap = (acc_t)(1.0 / f->softcap);
+    const int alibi = f->alibi != NULL;
+    acc_t slope = 0, diag = 0;
+    if (alibi) {
+        slope = (acc_t)f->alibi[s->bi * f->alibi_sb + h];
+        diag = (acc_t)(i + s->sk - s->sq - kb0); /* bottom-right aligned distance, as forward */
+    }
+    const vec_t iota = viota(), ninf = vsplat(-INFINITY), zero = vsplat(0);
+    for (int64_t c = 0; c < ncp; c += VLEN) {
+        vec_t x = vload(S + c) * scale;
+        vec_t g = vsplat(scale);
+        if (softcap) {
+            vec_t t = vtanh(x * inv_cap);
+            x = cap * t;
+            g = g * ((acc_t)1 - t * t);
+        }
+        vec_t col = iota + (acc_t)c;
+        if (alibi) {
+            vec_t dist = vsplat(diag) - col;
+            dist = vsel(dist < (acc_t)0, -dist, dist);
+            x = x - slope * dist;
+        }
+        veci_t in = (col >= (acc_t)c0) & (col < (acc_t)c1);
+        vstore(S + c, vsel(in, x, ninf));
+        vstore(G + c, vsel(in, g, zero));
+    }
+    if (f->mask) {
+        const acc_t fill = (acc_t)f->mask_fill;
+        const uint8_t *mrow = f->mask + s->q_batch * f->mask_sb + h * f->mask_sh + i * f->mask_sr;
+        for (int64_t c = c0; c < c1; c++) {
+            if (mrow[(kb0 + c) * f->mask_sc]) {
+                S[c] = fill; /* constant score: P may be > 0 but no gradient flows to q, k, pse */
+                G[c] = 0;
+            }
+        }
+    }
+    const vec_t vm = vsplat(m), vil = vsplat(il), vD = vsplat(Di);
+    if (f->dropout_p > 0) {
+        /* Replay the forward's mask: same Philox keying (seed, offset, batch*h + head, row,
+         * column / 4), keep iff draw >= threshold (fa_philox.h). */
+        const acc_t r = (acc_t)(1.0 / (1.0 - f->dropout_p));
+        const uint64_t bh = (uint64_t)(s->bi * f->h + h);
+        const int64_t j0 = kb0 + c0, j1 = kb0 + c1;
+        for (int64_t c = 0; c < ncp; c++)
+            Z[c] = 0;
+        for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
+            uint32_t u[4];
+            fa_dropout_draw4(f->seed, f->offset, bh, (uint64_t)i, (uint64_t)(j4 >> 2), u);
+            for (int t = 0; t < 4; t++) {
+                int64_t j = j4 + t;
+                if (j >= j0 && j < j1 && (uint64_t)u[t] >= thr)
+                    Z[j - kb0] = r;
+            }
+        }
+        for (int64_t c = 0; c < ncp; c += VLEN) {
+            vec_t P = vexp_nonpos(vload(S + c) - vm) * vil;
+            vec_t zr = vload(Z + c);
+            vstore(dP + c, P * (zr * vload(dP + c) - vD) * vload(G + c));
+            vstore(S + c, P * zr);
+        }
+    } else {
+        for (int64_t c = 0; c < ncp; c += VLEN) {
+            vec_t P = vexp_nonpos(vload(S + c) - vm) * vil;
+            vstore(dP + c, P * (vload(dP + c) - vD) * vload(G + c));
+            vstore(S + c, P);
+        }
+    }
+}
+
+/* Band of each row of [q0, q0 + nr) into lo/hi; returns whether any row reaches [k0, k1). */
+static int bw_bands(const fa_bwd_params *p, const fa_seq *s, int64_t q0, int64_t nr, int64_t k0,
+                    int64_t k1, int64_t *lo, int64_t *hi)
+{
+    int any = 0;
+    for (int64_t r = 0; r < nr; r++) {
+        fa_row_band(&p->f, s, q0 + r, &lo[r], &hi[r]);
+        any |= lo[r] < hi[r] && lo[r] < k1 && hi[r] > k0;
+    }
+    return any;
+}
+
+/* S = Q Kt and dP = dO Vt for the block, then every row through bw_row. */
+static void bw_block(const fa_bwd_params *p, const fa_bwd_ws *ws, const fa_seq *s, int64_t h,
+                     int64_t q0, int64_t nr, int64_t kb0, int64_t nc, int64_t ncp, bw_scratch *w,
+                     uint64_t thr)
+{
+    const int64_t d = p->f.d, dp = DPAD(d), nrp = RUP(nr, FA_MR);
+    bw_gemm(0, nrp, ncp, d, w->Q, dp, 1, w->Kt, BC, w->S, BC);
+    bw_gemm(0, nrp, ncp, d, w->dO, dp, 1, w->Vt, BC, w->dP, BC);
+    for (int64_t r = 0; r < nrp; r++) {
+        acc_t *Sr = w->S + r * BC, *dPr = w->dP + r * BC;
+        int64_t c0 = 0, c1 = 0;
+        if (r < nr) {
+            c0 = (w->lo[r] > kb0 ? w->lo[r] : kb0) - kb0;
+            c1 = (w->hi[r] < kb0 + nc ? w->hi[r] : kb0 + nc) - kb0;
+        }
+        bw_row(p, s, h, q0 + r, kb0, ncp, c0, c1, w->stat[r], w->stat[BR + r], w->stat[2 * BR + r],
+               Sr, dPr, w->G, w->Z, thr);
+    }
+}
+
+/* m, il, D of rows [q0, q0 + nr) of head h into w->stat. */
+static void bw_stats(const fa_bwd_params *p, const fa_bwd_ws *ws, const fa_seq *s, int64_t h,
+                     int64_t q0, int64_t nr, bw_scratch *w)
+{
+    for (int64_t r = 0; r < nr; r++) {
+        int64_t at = bw_ws_at(p, ws, s, h, q0 + r);
+        w->stat[r] = ((const acc_t *)ws->m)[at];
+        w->stat[BR + r] = ((const acc_t *)ws->il)[at];
+        w->stat[2 * BR + r] = ((const acc_t *)ws->D)[at];
+    }
+}
+
+/* ---- dK/dV: one key block of one (batch, kv head) ------------------------------------------------ */
+
+fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t hk,
+                        int64_t k0, void *buf)
+{
+    const fa_fwd_params *f = &p->f;
+    const fa_seq s = fa_seq_of(f, bi);
+    const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype), G = f->h / f->hk;
+    const int64_t nc = s.sk - k0 < BC ? s.sk - k0 : BC;
+    if (nc <= 0)
+        return FA_OK;
+    const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
+    const uint64_t thr = fa_dropout_threshold(f->dropout_p);
+    bw_scratch w = bw_carve(buf, d);
+
+    bw_pack_keys(p, &f->k, &s, hk, k0, nc, ncp, w.Kt, NULL, w.dQ);
+    bw_pack_keys(p, &f->v, &s, hk, k0, nc, ncp, w.Vt, NULL, w.dQ);
+    memset(w.dK, 0, (size_t)(ncr * dp) * sizeof(acc_t));
+    memset(w.dV, 0, (size_t)(ncr * dp) * sizeof(acc_t));
+
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t h = hk * G + g;
+        for (int64_t q0 = 0; q0 < s.sq; q0 += BR) {
+            const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
+            if (!bw_bands(p, &s, q0, nr, k0, k0 + nc, w.lo, w.hi))
+                continue;
+            bw_pack_rows(p, &f->q, &s, h, q0, nr, nrp, w.Q);
+            bw_pack_rows(p, &p->dout, &s, h, q0, nr, nrp, w.dO);
+            bw_stats(p, ws, &s, h, q0, nr, &w);
+            bw_block(p, ws, &s, h, q0, nr, k0, nc, ncp, &w, thr);
+            /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's strides;
+             * only the nr real rows enter the sum. */
+            bw_gemm(1, ncr, dp, nr, w.S, 1, BC, w.dO, dp, w.dV, dp);
+            bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, w.Q, dp, w.dK, dp);
+            if (p->dpse) {
+                acc_t *dpse = (acc_t *)p->dpse;
+                for (int64_t r = 0; r < nr; r++) {
+                    acc_t *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
+                    const acc_t *x = w.dP + r * BC;
+                    for (int64_t c = 0; c < nc; c++)
+                        row[(k0 + c) * p->dpse_sc] += x[c];
+                }
+            }
+        }
+    }
+
+    for (int64_t c = 0; c < nc; c++) {
+        const int64_t phys = s.k_row0 + k0 + c;
+        bw_store(f->dtype, w.dK + c * dp, d,
+                 (char *)p->dk + (s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh) * es);
+        bw_store(f->dtype, w.dV + c * dp, d,
+                 (char *)p->dv + (s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh) * es);
+    }
+    return FA_OK;
+}
+
+/* ---- dQ: one query block of one (batch, head) ---------------------------------------------------- */
+
+fa_status FA_NAME(dq)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t h,
+                      int64_t q0, void *buf)
+{
+    const fa_fwd_params *f = &p->f;
+    const fa_seq s = fa_seq_of(f, bi);
+    const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype);
+    const int64_t hk = h / (f->h / f->hk);
+    const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
+    if (nr <= 0)
+        return FA_OK;
+    const uint64_t thr = fa_dropout_threshold(f->dropout_p);
+    bw_scratch w = bw_carve(buf, d);
+
+    bw_bands(p, &s, q0, nr, 0, s.sk, w.lo, w.hi);
+    int64_t kmin = INT64_MAX, kmax = 0;
+    for (int64_t r = 0; r < nr; r++) {
+        if (w.lo[r] < w.hi[r]) {
+            kmin = w.lo[r] < kmin ? w.lo[r] : kmin;
+            kmax = w.hi[r] > kmax ? w.hi[r] : kmax;
+        }
+    }
+    memset(w.dQ, 0, (size_t)(nrp * dp) * sizeof(acc_t));
+    if (kmin < kmax) {
+        bw_pack_rows(p, &f->q, &s, h, q0, nr, nrp, w.Q);
+        bw_pack_rows(p, &p->dout, &s, h, q0, nr, nrp, w.dO);
+        bw_stats(p, ws, &s, h, q0, nr, &w);
+    }
+    for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BC) {
+        const int64_t nc = kmax - kb0 < BC ? kmax - kb0 : BC, ncp = RUP(nc, VLEN);
+        bw_pack_keys(p, &f->k, &s, hk, kb0, nc, ncp, w.Kt, w.Kr, NULL);
+        bw_pack_keys(p, &f->v, &s, hk, kb0, nc, ncp, w.Vt, NULL, w.dK);
+        bw_block(p, ws, &s, h, q0, nr, kb0, nc, ncp, &w, thr);
+        bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, w.Kr, dp, w.dQ, dp); /* dQ += dX K */
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t pr = s.q_row0 + q0 + r;
+        bw_store(f->dtype, w.dQ + r * dp, d,
+                 (char *)p->dq + (s.q_batch * p->dq_sb + pr * p->dq_sr + h * p->dq_sh) * es);
+    }
+    return FA_OK;
+}
