@@ -56,10 +56,38 @@ def forward(q, k, v, *, scale, out_shape=None, lse_shape=None, varlen=False, sof
         k4, v4 = (k, v) if k.ndim == 4 else (k[None], v[None])
     else:
         q4, lse3, k4, v4 = q, lse, k, v
+        if _can_fold_groups(q, k, left, right, anchor_br, alibi, dropout_p, s_dmask, extra):
+            q4, out4, lse3 = _fold_groups(q4, out4, lse3, k.shape[2])
+            left = right = UNBOUNDED
     _C.fwd(q4, k4, v4, out4, lse3, scale=scale, softcap=softcap, left=left, right=right,
            anchor_br=anchor_br, alibi=alibi, dropout_p=dropout_p, seed=seed, offset=offset,
            s_dmask=s_dmask, **extra)
     return out, lse, s_dmask
+
+
+def _can_fold_groups(q, k, left, right, anchor_br, alibi, dropout_p, s_dmask, extra):
+    """Decoding with GQA (one query row, several query heads per kv head) can run each kv head's
+    group of query heads as the rows of one work item, so every K/V row is read once per group
+    instead of once per query head (flash-attn's "ngroups swap"). Exact only where nothing depends
+    on the row index: no window beyond the bottom-right causal one (which a single last row
+    always satisfies), no alibi, dropout, S_dmask or NPU extras."""
+    if q.shape[1] != 1 or q.shape[2] == k.shape[2] or alibi is not None or dropout_p > 0:
+        return False
+    if s_dmask is not None or not anchor_br or left is not None or (right is not None and right < 0):
+        return False
+    return not (set(extra) - {"seqlen_k", "k_start", "k_batch_idx", "block_table"})
+
+
+def _fold_groups(q, out, lse, hk):
+    """Views (b, G, hk, d) of q/out and (b, hk, G) of lse for a (b, 1, h = hk * G, d) problem:
+    query head hk_i * G + g becomes row g of kv head hk_i."""
+    b, _, h, d = q.shape
+    g = h // hk
+
+    def fold(x):
+        return x.reshape(b, hk, g, d).transpose(0, 2, 1, 3)
+
+    return fold(q), fold(out), (lse.reshape(b, hk, g) if lse is not None else None)
 
 
 def backward(dout, q, k, v, out, *, scale, lse=None, rowmax=None, rowsum=None, varlen=False,
