@@ -302,7 +302,7 @@ static void pack_v(const fa_fwd_params *p, const fa_seq *s, int64_t hk, int64_t 
 static void row_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t i, int64_t kb0,
                        int64_t ncp, int64_t c0, int64_t c1, acc_t *S)
 {
-    if (p->pse) {
+    if (p->pse && !p->pse_after_scale) {
         const int64_t base = s->q_batch * p->pse_sb + h * p->pse_sh + i * p->pse_sr;
         for (int64_t c = c0; c < c1; c++)
             S[c] += load_one(p->pse_dtype, p->pse, base + (kb0 + c) * p->pse_sc);
@@ -330,6 +330,11 @@ static void row_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64
         }
         veci_t in = (col >= (acc_t)c0) & (col < (acc_t)c1);
         vstore(S + c, vsel(in, x, ninf));
+    }
+    if (p->pse && p->pse_after_scale) {
+        const int64_t base = s->q_batch * p->pse_sb + h * p->pse_sh + i * p->pse_sr;
+        for (int64_t c = c0; c < c1; c++)
+            S[c] += load_one(p->pse_dtype, p->pse, base + (kb0 + c) * p->pse_sc);
     }
     if (p->mask) {
         const acc_t fill = (acc_t)p->mask_fill;

@@ -86,6 +86,9 @@ typedef struct {
     const void *pse;
     fa_dtype pse_dtype;
     int64_t pse_sb, pse_sh, pse_sr, pse_sc;
+    /* torch_npu's inference ops (PFA/IFA/FIA) add pse_shift to the already scaled score
+     * (scale * q.k + pse) where the training op adds it first: nonzero selects the former. */
+    int pse_after_scale;
 
     /* Explicit mask (NPU atten_mask): uint8, nonzero = masked; strides like pse. NULL = none. */
     const uint8_t *mask;

@@ -20,6 +20,9 @@ from .flash_attn_interface import (
     flash_attn_varlen_bwd,
 )
 from .npu import npu_flash_attention, npu_fusion_attention
+from .npu_grad import npu_fusion_attention_grad
+from .npu_infer import (npu_fused_infer_attention_score, npu_incre_flash_attention,
+                        npu_prompt_flash_attention)
 
 __version__ = "0.1.0"
 
@@ -38,6 +41,10 @@ __all__ = [
     "flash_attn_varlen_bwd",
     "npu_fusion_attention",
     "npu_flash_attention",
+    "npu_fusion_attention_grad",
+    "npu_prompt_flash_attention",
+    "npu_incre_flash_attention",
+    "npu_fused_infer_attention_score",
     "manual_seed",
     "cpu_info",
     "set_num_threads",

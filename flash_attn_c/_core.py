@@ -56,16 +56,44 @@ def forward(q, k, v, *, scale, out_shape=None, lse_shape=None, varlen=False, sof
         k4, v4 = (k, v) if k.ndim == 4 else (k[None], v[None])
     else:
         q4, lse3, k4, v4 = q, lse, k, v
+        if _can_fold_groups(q, k, left, right, anchor_br, alibi, dropout_p, s_dmask, extra):
+            q4, out4, lse3 = _fold_groups(q4, out4, lse3, k.shape[2])
+            left = right = UNBOUNDED
     _C.fwd(q4, k4, v4, out4, lse3, scale=scale, softcap=softcap, left=left, right=right,
            anchor_br=anchor_br, alibi=alibi, dropout_p=dropout_p, seed=seed, offset=offset,
            s_dmask=s_dmask, **extra)
     return out, lse, s_dmask
 
 
+def _can_fold_groups(q, k, left, right, anchor_br, alibi, dropout_p, s_dmask, extra):
+    """Decoding with GQA (one query row, several query heads per kv head) can run each kv head's
+    group of query heads as the rows of one work item, so every K/V row is read once per group
+    instead of once per query head (flash-attn's "ngroups swap"). Exact only where nothing depends
+    on the row index: no window beyond the bottom-right causal one (which a single last row
+    always satisfies), no alibi, dropout, S_dmask or NPU extras."""
+    if q.shape[1] != 1 or q.shape[2] == k.shape[2] or alibi is not None or dropout_p > 0:
+        return False
+    if s_dmask is not None or not anchor_br or left is not None or (right is not None and right < 0):
+        return False
+    return not (set(extra) - {"seqlen_k", "k_start", "k_batch_idx", "block_table"})
+
+
+def _fold_groups(q, out, lse, hk):
+    """Views (b, G, hk, d) of q/out and (b, hk, G) of lse for a (b, 1, h = hk * G, d) problem:
+    query head hk_i * G + g becomes row g of kv head hk_i."""
+    b, _, h, d = q.shape
+    g = h // hk
+
+    def fold(x):
+        return x.reshape(b, hk, g, d).transpose(0, 2, 1, 3)
+
+    return fold(q), fold(out), (lse.reshape(b, hk, g) if lse is not None else None)
+
+
 def backward(dout, q, k, v, out, *, scale, lse=None, rowmax=None, rowsum=None, varlen=False,
              softcap=0.0, left=None, right=None, anchor_br=True, alibi=None, dropout_p=0.0, seed=0,
              offset=0, pse=None, mask=None, mask_fill=-np.inf, invalid_line_zero=False, sink=None,
-             prefix=None, cu_q=None, cu_k=None, want_dpse=False):
+             prefix=None, cu_q=None, cu_k=None, want_dpse=False, grads=None):
     """Run the backward kernel; the one funnel for every front-end's gradient.
 
     Arguments (all already validated and laid out by the front-end; nothing is copied here):
@@ -97,14 +125,23 @@ def backward(dout, q, k, v, out, *, scale, lse=None, rowmax=None, rowsum=None, v
         accumulator dtype: (b, h, sq, sk), or (b, h, 1, sk) summed over rows when ``pse`` is
         broadcast over rows (stride 0). The caller sums it over pse's other broadcast dims and
         casts it to pse's dtype. Entries outside each row's band are 0.
+    grads
+        Optional (dq, dk, dv) views of q's, k's and k's shape (writable, last dim contiguous) that
+        the kernel writes instead of fresh arrays: front-ends whose gradient order is not the
+        kernel's (torch_npu's BNSD/SBH layouts) pass views of arrays in their own order, so no
+        gradient is copied into place. For varlen the caller zero-fills them (rows outside every
+        sequence are not written).
 
-    Returns (dq, dk, dv, dpse or None): dq with q's shape, dk/dv with k's shape, C-contiguous, in
-    the input dtype (accumulated in float32/float64 and rounded once). For varlen, rows of the
-    packed tensors that belong to no sequence are 0.
+    Returns (dq, dk, dv, dpse or None): dq with q's shape, dk/dv with k's shape, C-contiguous (or
+    the given ``grads``), in the input dtype (accumulated in float32/float64 and rounded once).
+    For varlen, rows of the packed tensors that belong to no sequence are 0.
     """
     acc = np.float64 if q.dtype == np.float64 else np.float32
-    alloc = np.zeros if varlen else empty
-    dq, dk, dv = alloc(q.shape, q.dtype), alloc(k.shape, k.dtype), alloc(v.shape, v.dtype)
+    if grads is None:
+        alloc = np.zeros if varlen else empty
+        dq, dk, dv = alloc(q.shape, q.dtype), alloc(k.shape, k.dtype), alloc(v.shape, v.dtype)
+    else:
+        dq, dk, dv = grads
     if varlen:
         args = [x[None] for x in (dout, q, k, v, out, dq, dk, dv)]
         lse, rowmax, rowsum = (None if x is None else x[None] for x in (lse, rowmax, rowsum))

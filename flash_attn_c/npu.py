@@ -548,19 +548,6 @@ def _invalid_stats(rmax, rsum):
     np.copyto(rsum, FLT_MAX, where=empty_rows)
 
 
-def _run_fixed(g, o, common, mask, band, prefix, pse, acc):
-    out, out_k = _out_array(g, g.q.dtype)
-    smax = empty((g.b, g.h, g.sq, 8), acc)
-    ssum = empty((g.b, g.h, g.sq, 8), acc)
-    forward(g.q, g.k, _value_for_kernel(g), out=out_k, left=band.left, right=band.right,
-            anchor_br=band.anchor_br, mask=mask, prefix=prefix, pse=pse,
-            rowmax=smax[..., 0], rowsum=ssum[..., 0], **common)
-    _invalid_stats(smax[..., 0], ssum[..., 0])
-    smax[..., 1:] = smax[..., :1]  # torch_npu broadcasts the statistic to 8 lanes
-    ssum[..., 1:] = ssum[..., :1]
-    return _finish_out(out, g), smax, ssum
-
-
 def _tnd_groups(g, bands, per_batch):
     """Runs of consecutive batches that one kernel call can serve: same band and, unless some
     operand is addressed per batch (block-diagonal mask, per-batch pse), as long as possible.
@@ -576,38 +563,119 @@ def _tnd_groups(g, bands, per_batch):
     return [(b0, b1, bands[b0]) for b0, b1, _ in groups]
 
 
-def _run_tnd(g, o, common, mask, bands, prefix, pse, acc):
+class _Plan:
+    """A validated call as kernel work: the geometry, the options every kernel call shares, and
+    the calls themselves. Each call is (q_rows, k_rows, options): the packed query and key rows
+    it covers (None: all of a fixed-length call) and its band/mask/pse/prefix/cu arguments for
+    _core.forward. A backward front-end replays the same calls on the same slices."""
+
+    def __init__(self, g, o, calls, invalid, sink):
+        self.g, self.o, self.calls = g, o, calls
+        self.invalid, self.sink = invalid, sink
+
+    def common(self, seed, offset):
+        return dict(scale=self.o["scale"], dropout_p=1.0 - self.o["keep_prob"], seed=seed,
+                    offset=offset, mask_fill=-FLT_MAX, invalid_line_zero=self.invalid,
+                    sink=self.sink)
+
+
+def _fixed_calls(band, mask, prefix, pse):
+    return [(None, None, dict(left=band.left, right=band.right, anchor_br=band.anchor_br,
+                              mask=mask, prefix=prefix, pse=pse))]
+
+
+def _tnd_calls(g, bands, mask, prefix, pse):
+    mask_kind, mask_arr = mask if mask is not None else (None, None)
+    pse_per_batch, pse_buf = pse if pse is not None else (False, None)
+    calls = []
+    for b0, b1, band in _tnd_groups(g, bands, mask_kind == "block" or pse_per_batch):
+        # One varlen call for batches [b0, b1): the cumulative lists keep b0 leading empty
+        # sequences, so the kernel's batch index (dropout keying, prefix) stays the global one.
+        qa, qb = int(g.cu_q[b0]), int(g.cu_q[b1])
+        ka, kb = int(g.cu_k[b0]), int(g.cu_k[b1])
+        m = mask_arr
+        if mask_kind == "block":
+            m = np.broadcast_to(mask_arr[qa:qb, ka:kb][None, None], (1, g.h, qb - qa, kb - ka))
+        p = pse_buf[b0:b0 + 1] if pse_per_batch else pse_buf
+        calls.append(((qa, qb), (ka, kb), dict(
+            varlen=True, cu_q=np.concatenate([np.zeros(b0, np.int64), g.cu_q[b0:b1 + 1] - qa]),
+            cu_k=np.concatenate([np.zeros(b0, np.int64), g.cu_k[b0:b1 + 1] - ka]),
+            left=band.left, right=band.right, anchor_br=band.anchor_br, mask=m, pse=p,
+            prefix=prefix[:b1] if prefix is not None else None)))
+    return calls
+
+
+def _plan(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale,
+          keep_prob, pre_tockens, next_tockens, inner_precise, prefix, actual_seq_qlen,
+          actual_seq_kvlen, sparse_mode, gen_mask_parallel, sync, softmax_layout, sink):
+    """Every check of npu_fusion_attention, in torch_npu's order, and its translation into kernel
+    calls. Nothing is computed and no output is allocated here."""
+    g = _geometry(query, key, value, head_num, input_layout)
+    if g.tnd:
+        _tnd_sequences(g, actual_seq_qlen, actual_seq_kvlen)
+    elif actual_seq_qlen is not None or actual_seq_kvlen is not None:
+        raise ValueError(f"actual_seq_qlen/actual_seq_kvlen: only valid with input_layout TND, got "
+                         f"{g.layout}")
+    else:
+        g.numels = g.b * g.h * g.sq * g.sk
+    o = _options(g, scale, keep_prob, pre_tockens, next_tockens, inner_precise, sparse_mode,
+                 gen_mask_parallel, sync, softmax_layout, padding_mask)
+    sink_arr = _sink(sink, g.h)
+    mode = o["mode"]
+
+    invalid = o["inner_precise"] == 2
+    prefix_arr = mask = None
+    band, bands = _Band(), [_Band() for _ in range(g.b)]
+    if atten_mask is not None:  # without a mask torch_npu ignores sparse_mode and the tockens
+        m = _mask_array(atten_mask)
+        if mode in _FULL_MASK_MODES:
+            mask = _tnd_mask(m, g) if g.tnd else _fixed_mask(m, g, mode)
+        else:
+            _check_compressed(m, mode)
+        if mode in (5, 6):
+            prefix_arr = _prefix(prefix, g, mode)
+        if g.tnd:
+            bands = _tnd_bands(o, g)
+        else:
+            band, auto_invalid = _fixed_band(o, g)
+            invalid = invalid or auto_invalid
+    pse_view = None
+    if pse is not None:
+        pse_view = _tnd_pse(pse, g, g.q.dtype, mode if atten_mask is not None else 0) if g.tnd \
+            else _fixed_pse(pse, g, g.q.dtype)
+    calls = _tnd_calls(g, bands, mask, prefix_arr, pse_view) if g.tnd else \
+        _fixed_calls(band, mask, prefix_arr, pse_view)
+    return _Plan(g, o, calls, invalid, sink_arr)
+
+
+def _run_fixed(plan, common, acc):
+    g = plan.g
+    out, out_k = _out_array(g, g.q.dtype)
+    smax = empty((g.b, g.h, g.sq, 8), acc)
+    ssum = empty((g.b, g.h, g.sq, 8), acc)
+    (_, _, kw), = plan.calls
+    forward(g.q, g.k, _value_for_kernel(g), out=out_k, rowmax=smax[..., 0], rowsum=ssum[..., 0],
+            **kw, **common)
+    _invalid_stats(smax[..., 0], ssum[..., 0])
+    smax[..., 1:] = smax[..., :1]  # torch_npu broadcasts the statistic to 8 lanes
+    ssum[..., 1:] = ssum[..., :1]
+    return _finish_out(out, g), smax, ssum
+
+
+def _run_tnd(plan, common, acc):
+    g = plan.g
     out, _ = _out_array(g, g.q.dtype)
     total = int(g.cu_q[-1])
     out[total:] = 0  # rows past the sequences: the NPU leaves them unwritten, we zero them
     stats = np.zeros((2, g.h, g.tq), acc)
     vk = _value_for_kernel(g)
-    mask_kind, mask_arr = mask if mask is not None else (None, None)
-    pse_per_batch, pse_buf = pse if pse is not None else (False, None)
-    per_batch = mask_kind == "block" or pse_per_batch
-    for b0, b1, band in _tnd_groups(g, bands, per_batch):
-        # One varlen call for batches [b0, b1): the cumulative lists keep b0 leading empty
-        # sequences, so the kernel's batch index (dropout keying, prefix) stays the global one.
-        qa, qb = int(g.cu_q[b0]), int(g.cu_q[b1])
-        ka, kb = int(g.cu_k[b0]), int(g.cu_k[b1])
-        cu_q = np.concatenate([np.zeros(b0, np.int64), g.cu_q[b0:b1 + 1] - qa])
-        cu_k = np.concatenate([np.zeros(b0, np.int64), g.cu_k[b0:b1 + 1] - ka])
-        m = None
-        if mask_kind == "window":
-            m = mask_arr
-        elif mask_kind == "block":
-            m = np.broadcast_to(mask_arr[qa:qb, ka:kb][None, None], (1, g.h, qb - qa, kb - ka))
-        p = None
-        if pse_buf is not None:
-            p = pse_buf[b0:b0 + 1] if pse_per_batch else pse_buf
-        forward(g.q[qa:qb], g.k[ka:kb], vk[ka:kb], varlen=True, out=out[qa:qb], cu_q=cu_q,
-                cu_k=cu_k, left=band.left, right=band.right, anchor_br=band.anchor_br, mask=m,
-                prefix=prefix[:b1] if prefix is not None else None, pse=p,
-                rowmax=stats[0][None, :, qa:qb], rowsum=stats[1][None, :, qa:qb], **common)
+    for (qa, qb), (ka, kb), kw in plan.calls:
+        forward(g.q[qa:qb], g.k[ka:kb], vk[ka:kb], out=out[qa:qb],
+                rowmax=stats[0][None, :, qa:qb], rowsum=stats[1][None, :, qa:qb], **kw, **common)
     _invalid_stats(stats[0][:, :total], stats[1][:, :total])
     smax = np.zeros((g.tq, g.h, 8), acc)
     ssum = np.zeros((g.tq, g.h, 8), acc)
-    if o["softmax_layout"] == "TND":
+    if plan.o["softmax_layout"] == "TND":
         smax[...] = stats[0].T[:, :, None]
         ssum[...] = stats[1].T[:, :, None]
     else:
@@ -663,52 +731,14 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     keep_prob == 1, seed and offset are 0. gen_mask_parallel and sync are accepted and have no
     effect (they schedule mask generation on the NPU). padding_mask is unsupported, as on the NPU.
     """
-    g = _geometry(query, key, value, head_num, input_layout)
-    if g.tnd:
-        _tnd_sequences(g, actual_seq_qlen, actual_seq_kvlen)
-    elif actual_seq_qlen is not None or actual_seq_kvlen is not None:
-        raise ValueError(f"actual_seq_qlen/actual_seq_kvlen: only valid with input_layout TND, got "
-                         f"{g.layout}")
-    else:
-        g.numels = g.b * g.h * g.sq * g.sk
-    o = _options(g, scale, keep_prob, pre_tockens, next_tockens, inner_precise, sparse_mode,
-                 gen_mask_parallel, sync, softmax_layout, padding_mask)
-    sink_arr = _sink(sink, g.h)
-    mode = o["mode"]
-
-    invalid = o["inner_precise"] == 2
-    prefix_arr = None
-    mask = None
-    if atten_mask is not None:  # without a mask torch_npu ignores sparse_mode and the tockens
-        m = _mask_array(atten_mask)
-        if mode in _FULL_MASK_MODES:
-            mask = _tnd_mask(m, g) if g.tnd else _fixed_mask(m, g, mode)
-        else:
-            _check_compressed(m, mode)
-        if mode in (5, 6):
-            prefix_arr = _prefix(prefix, g, mode)
-        if g.tnd:
-            bands = _tnd_bands(o, g)
-        else:
-            band, auto_invalid = _fixed_band(o, g)
-            invalid = invalid or auto_invalid
-    elif g.tnd:
-        bands = [_Band() for _ in range(g.b)]
-    else:
-        band = _Band()
-    pse_view = None
-    if pse is not None:
-        pse_view = _tnd_pse(pse, g, g.q.dtype, mode if atten_mask is not None else 0) if g.tnd \
-            else _fixed_pse(pse, g, g.q.dtype)
-
+    plan = _plan(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale,
+                 keep_prob, pre_tockens, next_tockens, inner_precise, prefix, actual_seq_qlen,
+                 actual_seq_kvlen, sparse_mode, gen_mask_parallel, sync, softmax_layout, sink)
+    g = plan.g
     acc = np.float64 if g.q.dtype == np.float64 else np.float32
-    seed, offset = _rng.next_state() if o["keep_prob"] < 1.0 else (0, 0)
-    common = dict(scale=o["scale"], dropout_p=1.0 - o["keep_prob"], seed=seed, offset=offset,
-                  mask_fill=-FLT_MAX, invalid_line_zero=invalid, sink=sink_arr)
-    if g.tnd:
-        out, smax, ssum = _run_tnd(g, o, common, mask, bands, prefix_arr, pse_view, acc)
-    else:
-        out, smax, ssum = _run_fixed(g, o, common, mask, band, prefix_arr, pse_view, acc)
+    seed, offset = _rng.next_state() if plan.o["keep_prob"] < 1.0 else (0, 0)
+    run = _run_tnd if g.tnd else _run_fixed
+    out, smax, ssum = run(plan, plan.common(seed, offset), acc)
     softmax_out = np.empty((0,), dtype=g.q.dtype)
     return out, smax, ssum, softmax_out, int(seed), int(offset), int(g.numels)
 
@@ -717,10 +747,11 @@ def npu_flash_attention(query, key, value, head_num, input_layout, pse=None, pad
                         atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=INT32_MAX,
                         next_tockens=INT32_MAX, inner_precise=1, prefix=None,
                         actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
-                        gen_mask_parallel=True, sync=False):
-    """The legacy torch_npu (torch 1.11 builds) name: npu_fusion_attention with its 6.0.0 signature
-    (no softmax_layout or sink) and inner_precise=1 by default (same numbers as 0)."""
+                        gen_mask_parallel=True, sync=False, softmax_layout="", sink=None):
+    """The legacy torch_npu (torch 1.11 builds) name: npu_fusion_attention with inner_precise=1
+    by default (same numbers as 0). Its 6.0.0 signature ends at sync; softmax_layout and sink are
+    accepted too (as flash_attn_c.reference does), so newer call sites also work."""
     return npu_fusion_attention(query, key, value, head_num, input_layout, pse, padding_mask,
                                 atten_mask, scale, keep_prob, pre_tockens, next_tockens,
                                 inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen,
-                                sparse_mode, gen_mask_parallel, sync)
+                                sparse_mode, gen_mask_parallel, sync, softmax_layout, sink)

@@ -822,3 +822,5 @@ def combine_partials(outs, lses, *, compute_dtype=np.float64):
 # The torch_npu half lives in its own file for readability.
 from .reference_npu import (npu_fusion_attention, npu_flash_attention,  # noqa: E402
                             npu_fusion_attention_grad)
+from .reference_npu_infer import (npu_prompt_flash_attention, npu_incre_flash_attention,  # noqa: E402,F401
+                                  npu_fused_infer_attention_score)

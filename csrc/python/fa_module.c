@@ -212,22 +212,22 @@ static PyObject *py_fwd(PyObject *self, PyObject *args, PyObject *kw)
                              "anchor_br", "alibi", "cu_q", "cu_k", "seqlen_k", "k_start",
                              "k_batch_idx", "block_table", "dropout_p", "seed", "offset",
                              "s_dmask", "pse", "mask", "mask_fill", "invalid_line_zero", "sink",
-                             "rowmax", "rowsum", "prefix", NULL};
+                             "rowmax", "rowsum", "prefix", "pse_after_scale", NULL};
     PyObject *oq, *ok, *ov, *oo, *olse;
     double scale, softcap = 0.0, dropout_p = 0.0, mask_fill = -INFINITY;
     PyObject *oleft = Py_None, *oright = Py_None;
-    int anchor_br = 1, invalid_line_zero = 0;
+    int anchor_br = 1, invalid_line_zero = 0, pse_after_scale = 0;
     PyObject *oalibi = Py_None, *ocuq = Py_None, *ocuk = Py_None, *oseqk = Py_None,
              *okstart = Py_None, *okbidx = Py_None, *obt = Py_None, *osd = Py_None,
              *opse = Py_None, *omask = Py_None, *osink = Py_None, *ormax = Py_None,
              *orsum = Py_None, *oprefix = Py_None;
     unsigned long long seed = 0, offset = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOd|dOOpOOOOOOOdKKOOOdpOOOO", kwlist, &oq, &ok,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOd|dOOpOOOOOOOdKKOOOdpOOOOp", kwlist, &oq, &ok,
                                      &ov, &oo, &olse, &scale, &softcap, &oleft, &oright,
                                      &anchor_br, &oalibi, &ocuq, &ocuk, &oseqk, &okstart, &okbidx,
                                      &obt, &dropout_p, &seed, &offset, &osd, &opse, &omask,
                                      &mask_fill, &invalid_line_zero, &osink, &ormax, &orsum,
-                                     &oprefix))
+                                     &oprefix, &pse_after_scale))
         return NULL;
 
     fa_fwd_params p;
@@ -305,6 +305,7 @@ static PyObject *py_fwd(PyObject *self, PyObject *args, PyObject *kw)
     p.anchor_br = anchor_br;
     p.mask_fill = mask_fill;
     p.invalid_line_zero = invalid_line_zero;
+    p.pse_after_scale = pse_after_scale;
     if (!(dropout_p >= 0.0 && dropout_p < 1.0)) {
         PyErr_Format(PyExc_ValueError, "dropout_p: must be in [0, 1), got %g", dropout_p);
         return NULL;
