@@ -33,6 +33,8 @@ from torch.autograd.function import once_differentiable
 from . import _validate as V
 from . import flash_attn_interface as _fa
 from . import kvcache as _kvcache
+from . import npu as _npu
+from . import npu_grad as _npu_grad
 from ._core import backward as _kernel_backward
 from ._core import forward as _kernel_forward
 from ._runtime import bfloat16 as _np_bfloat16
@@ -570,24 +572,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 # ---- torch_npu -----------------------------------------------------------------------------------
 
-def _npu():
-    """flash_attn_c.npu, imported on first use (it lands separately from this module)."""
-    from . import npu
-    return npu
-
-
 class _NPUFusionAttentionFunc(torch.autograd.Function):
     """npu_fusion_attention with gradients for query, key, value and pse through
-    flash_attn_c.npu.npu_fusion_attention_grad, fed the forward's own softmax_max/softmax_sum,
-    output and (seed, offset, numels) so dropout replays."""
+    flash_attn_c.npu_fusion_attention_grad, fed the forward's own softmax_max/softmax_sum, output
+    and (seed, offset, numels) so dropout replays."""
 
     @staticmethod
     def forward(ctx, query, key, value, pse, atten_mask, head_num, input_layout, options):
-        npu = _npu()
         qa, ka, va = _array(query, "query"), _array(key, "key"), _array(value, "value")
         pa = _optional_array(pse, "pse")
         ma = None if atten_mask is None else _npu_mask(atten_mask)
-        res = npu.npu_fusion_attention(qa, ka, va, head_num, input_layout, pse=pa,
+        res = _npu.npu_fusion_attention(qa, ka, va, head_num, input_layout, pse=pa,
                                        atten_mask=ma, **options)
         out, smax, ssum, sout = (_tensor(np.asarray(a)) for a in res[:4])
         seed, offset, numels = res[4:]
@@ -599,15 +594,11 @@ class _NPUFusionAttentionFunc(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, *unused):
-        npu = _npu()
-        if not hasattr(npu, "npu_fusion_attention_grad"):
-            raise NotImplementedError("npu_fusion_attention: this flash_attn_c build has no "
-                                      "npu_fusion_attention_grad, so no backward")
         query, key, value, pse, atten_mask, out, smax, ssum = ctx.saved_tensors
         head_num, input_layout, options, seed, offset, numels = ctx.call
         grad_options = dict(options)
         grad_options["scale_value"] = grad_options.pop("scale")
-        dq, dk, dv, dpse = npu.npu_fusion_attention_grad(
+        dq, dk, dv, dpse = _npu_grad.npu_fusion_attention_grad(
             _array(query, "query"), _array(key, "key"), _array(value, "value"), _array(dy, "dy"),
             head_num, input_layout, pse=_optional_array(pse, "pse"),
             atten_mask=None if atten_mask is None else _npu_mask(atten_mask),
