@@ -7,6 +7,7 @@ and is compared with flash-attn's tolerance rule (error vs float64 at most twice
 same naive computation done in the input precision, plus a small atol).
 """
 import itertools
+import zlib
 
 import numpy as np
 import pytest
@@ -89,7 +90,8 @@ def make_inputs(c, rng):
 
 @pytest.mark.parametrize("c", CASES, ids=[_case_id(c) for c in CASES])
 def test_forward_grid(c):
-    rng = np.random.default_rng(abs(hash(_case_id(c))) % (1 << 32))
+    # crc32, not hash(): str hashes change per process, and inputs must be the same every run.
+    rng = np.random.default_rng(zlib.crc32(_case_id(c).encode()))
     q, k, v, alibi = make_inputs(c, rng)
     kw = dict(causal=c["causal"], window_size=c["window"], softcap=c["softcap"], alibi_slopes=alibi)
     out64, lse64, _ = ref.flash_attn_func(q, k, v, return_attn_probs=True, **kw)

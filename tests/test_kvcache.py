@@ -1,5 +1,6 @@
 """flash_attn_with_kvcache and combine_partials against the reference."""
 import itertools
+import zlib
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_kvcache_grid(dtype, paged, rotary, causal, window, sizes):
     sq, s_new = sizes
     if rotary and not s_new:
         pytest.skip("rotary needs new keys")
-    rng = np.random.default_rng(hash((dtype, paged, rotary, causal, window, sizes)) % (1 << 32))
+    rng = np.random.default_rng(zlib.crc32(repr((dtype, paged, rotary, causal, window, sizes)).encode()))
     q, k, v, kc, vc, kw = _setup(rng, dtype, sq=sq, s_new=s_new, d=59 if not rotary else 64,
                                  paged=paged, rotary=rotary)
     ours, want, low, (kc1, vc1), (kc2, vc2) = _both(q, k, v, kc, vc, kw, causal=causal,
