@@ -1,8 +1,9 @@
 /* fa_bwd_driver.c: run the backward on threads.
  *
  * Three phases in one OpenMP region, separated by the barriers of its work-sharing loops:
- *   1. prep over (batch, head, 64-row block): D and the row statistics into a workspace
- *      (3 * heads * rows accumulators: the only extra memory besides one scratch per thread);
+ *   1. prep over (batch, head, query block) and packk over (batch, kv head, key block): D, the row
+ *      statistics, and Q, dO, K, V converted once to the accumulator type in the kernels' layouts
+ *      (the workspace: O(S d), the only extra memory besides one block scratch per thread);
  *   2. dkdv over (batch, kv head, key block): each item owns its dK/dV rows (GQA groups included);
  *   3. dq over (batch, head, query block): each item owns its dQ rows.
  * No output element is touched by two items and every item sums in a fixed order, so the results
@@ -21,7 +22,9 @@
 #include "fa_seq.h"
 
 #define BWD_KERNEL(name)                                                                           \
-    {name##_prep, name##_dkdv, name##_dq, name##_scratch, FA_BWD_BLOCK_ROWS, FA_BWD_BLOCK_KEYS}
+    {name##_prep,    name##_packk,     name##_dkdv,                                               \
+     name##_dq,      name##_scratch,   FA_BWD_BLOCK_ROWS,                                         \
+     FA_BWD_BLOCK_KEYS}
 
 static const fa_bwd_kernel bwd_tables[FA_ISA_COUNT][2] = {
     [FA_ISA_SCALAR] = {BWD_KERNEL(fa_bwd_f32__scalar), BWD_KERNEL(fa_bwd_f64__scalar)},
@@ -89,16 +92,45 @@ fa_status fa_bwd(const fa_bwd_params *p)
     if (nq + nk == 0)
         return FA_OK;
 
+    /* Workspace sizes, in accumulators. */
+    const int64_t dp = FA_BWD_DPAD(f->d);
+    const int64_t qstride = rows + 8; /* >= rows + FA_MR - 1: the last block's padding rows */
+    const int64_t krows = f->cu_k ? f->cu_k[f->b] : f->b * f->sk;
+    int64_t *kblk = malloc((size_t)(f->b + 1) * sizeof(int64_t));
+    int64_t blocks = 0;
+    for (int64_t bi = 0; kblk && bi < f->b; bi++) {
+        kblk[bi] = blocks;
+        blocks += (fa_seq_of(f, bi).sk + bc - 1) / bc;
+    }
+    const size_t n_stat = (size_t)(rows * f->h), n_q = (size_t)(f->h * qstride * dp),
+                 n_kt = (size_t)(f->hk * blocks * f->d * bc), n_kr = (size_t)(f->hk * krows * dp);
     bwd_item *qi = malloc((size_t)(nq + nk) * sizeof(bwd_item));
-    void *wsbuf = malloc(3 * (size_t)(rows * f->h) * acc + 64);
-    if (!qi || !wsbuf) {
+    char *wsbuf = malloc((3 * n_stat + 2 * n_q + 2 * n_kt + n_kr) * acc + 64);
+    if (!qi || !wsbuf || !kblk) {
         free(qi);
         free(wsbuf);
+        free(kblk);
         return FA_ERR_NOMEM;
     }
+    fa_bwd_ws ws;
+    char *at = wsbuf;
+    ws.D = at, at += n_stat * acc;
+    ws.m = at, at += n_stat * acc;
+    ws.il = at, at += n_stat * acc;
+    ws.Q = at, at += n_q * acc;
+    ws.dO = at, at += n_q * acc;
+    ws.Kt = at, at += n_kt * acc;
+    ws.Vt = at, at += n_kt * acc;
+    ws.Kr = at;
+    ws.rows = rows, ws.qstride = qstride, ws.krows = krows, ws.blocks = blocks, ws.dpad = dp;
+    ws.kblk = kblk;
+    /* Rows past the last query row are read as block padding: make them zeros, not garbage. */
+    for (int64_t h = 0; h < f->h; h++) {
+        memset((char *)ws.Q + (size_t)((h * qstride + rows) * dp) * acc, 0, (size_t)((qstride - rows) * dp) * acc);
+        memset((char *)ws.dO + (size_t)((h * qstride + rows) * dp) * acc, 0, (size_t)((qstride - rows) * dp) * acc);
+    }
+
     bwd_item *ki = qi + nq;
-    fa_bwd_ws ws = {wsbuf, (char *)wsbuf + (size_t)(rows * f->h) * acc,
-                    (char *)wsbuf + 2 * (size_t)(rows * f->h) * acc, rows};
     int64_t a = 0, b = 0;
     for (int64_t bi = 0; bi < f->b; bi++) {
         fa_seq s = fa_seq_of(f, bi);
@@ -131,9 +163,12 @@ fa_status fa_bwd(const fa_bwd_params *p)
             failed = FA_ERR_NOMEM;
         /* The loops below always run to their barriers, even after a failure, so no thread waits
          * forever; a failed allocation only skips work. */
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
         for (int64_t it = 0; it < nq; it++)
             k->prep(p, &ws, qi[it].bi, qi[it].h, qi[it].x0, br);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < nk; it++)
+            k->packk(p, &ws, ki[it].bi, ki[it].h, ki[it].x0);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < nk; it++) {
             if (!buf || failed != FA_OK)
@@ -154,5 +189,6 @@ fa_status fa_bwd(const fa_bwd_params *p)
     }
     free(qi);
     free(wsbuf);
+    free(kblk);
     return (fa_status)failed;
 }
