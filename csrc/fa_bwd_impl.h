@@ -13,15 +13,16 @@
  *   packk K^T, V^T blocks and K rows in acc_t, per (batch, kv head, key block). Converting once
  *         (O(S d) memory) instead of per block pair keeps the conversions and transposes, which
  *         cost about as much as a block GEMM each time, out of the two passes;
- *   dkdv  one key block of one (batch, kv head): K and V are packed once; for each query head of
- *         the GQA group (in order) and each query block whose band reaches the key block (in
- *         order) it recomputes S, P, dP, dS and accumulates dV += (P z r)^T dO, dK += dX^T Q.
- *         The item owns its dK/dV rows, so the group sum needs no reduction and has a fixed order.
- *   dq    one query block of one (batch, head): for each key block of its band (in order) it
- *         recomputes S, P, dP, dS and accumulates dQ += dX K.
- * Recomputing S and dP in both passes costs 7 block GEMMs per (query block, key block) instead of
- * FlashAttention-2's 5, and buys what atomics would otherwise give: any number of threads, no
- * races, bitwise-identical results for every thread count, and scratch O(block * d) per thread.
+ *   dkdv  one chunk of key blocks (c, c + nch, ...) of one (batch, kv head): for each key block,
+ *         each query head of the GQA group (in order) and each query block whose band reaches
+ *         the key block (in order) it recomputes S, P, dP, dS and accumulates dV += (P z r)^T dO,
+ *         dK += dX^T Q (owned rows: the group sum needs no reduction) and dQ += dX K into the
+ *         chunk's own dQ partial sums;
+ *   dq    one query block of one (batch, head): dQ = the chunks' partial sums, added in order.
+ * That is FlashAttention-2's 5 block GEMMs per (query block, key block). Where the GPU kernel adds
+ * dQ with atomics, the partial sums per chunk give the same work with no races and a fixed
+ * summation order: the number of chunks depends on the problem only (fa_bwd_driver.c), so results
+ * are bitwise identical for every thread count.
  *
  * Every block GEMM is one micro-kernel shape: C[rows x cols] (+)= A . B with B row-major in
  * vectors and A read through two strides, broadcast one element at a time, so A may be a
@@ -466,61 +467,81 @@ static void bw_stats(const fa_bwd_params *p, const fa_bwd_ws *ws, const fa_seq *
     }
 }
 
-/* ---- dK/dV: one key block of one (batch, kv head) ------------------------------------------------ */
+/* ---- dK/dV (and dQ partials): one chunk of key blocks of one (batch, kv head) ------------------- */
 
 fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t hk,
-                        int64_t k0, void *buf)
+                        int64_t chunk, void *buf)
 {
     const fa_fwd_params *f = &p->f;
     const fa_seq s = fa_seq_of(f, bi);
     const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype), G = f->h / f->hk;
-    const int64_t nc = s.sk - k0 < BC ? s.sk - k0 : BC;
-    if (nc <= 0)
-        return FA_OK;
-    const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
     const uint64_t thr = fa_dropout_threshold(f->dropout_p);
+    const int64_t part = f->h * ws->qstride * dp; /* accumulators per chunk of dQ partials */
+    acc_t *dQp = (acc_t *)ws->dQp + chunk * part;
     bw_scratch w = bw_carve(buf, d);
-    const acc_t *Kt = bw_kblock(p, ws, ws->Kt, bi, hk, k0), *Vt = bw_kblock(p, ws, ws->Vt, bi, hk, k0);
-    memset(w.dK, 0, (size_t)(ncr * dp) * sizeof(acc_t));
-    memset(w.dV, 0, (size_t)(ncr * dp) * sizeof(acc_t));
 
-    for (int64_t g = 0; g < G; g++) {
-        const int64_t h = hk * G + g;
-        for (int64_t q0 = 0; q0 < s.sq; q0 += BR) {
-            const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR;
-            if (!bw_bands(p, &s, q0, nr, k0, k0 + nc, w.lo, w.hi))
-                continue;
-            const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
-            bw_stats(p, ws, &s, h, q0, nr, &w);
-            bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr);
-            /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's strides;
-             * only the nr real rows enter the sum. Rows of dK/dV past nc see S/dP columns that
-             * bw_row zeroed (up to ncp) or never wrote (up to ncr); they are never stored. */
-            bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, w.dV, dp);
-            bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, w.dK, dp);
-            if (p->dpse) {
-                acc_t *dpse = (acc_t *)p->dpse;
-                for (int64_t r = 0; r < nr; r++) {
-                    acc_t *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
-                    const acc_t *x = w.dP + r * BC;
-                    for (int64_t c = 0; c < nc; c++)
-                        row[(k0 + c) * p->dpse_sc] += x[c];
+    /* This item alone owns its chunk's partial sums of the group's rows: start them at zero. */
+    for (int64_t g = 0; g < G; g++)
+        memset(dQp + (hk * G + g) * ws->qstride * dp + bw_qrow(p, &s, 0) * dp, 0,
+               (size_t)(s.sq * dp) * sizeof(acc_t));
+
+    for (int64_t k0 = chunk * BC; k0 < s.sk; k0 += ws->nch * BC) {
+        const int64_t nc = s.sk - k0 < BC ? s.sk - k0 : BC;
+        const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
+        const acc_t *Kt = bw_kblock(p, ws, ws->Kt, bi, hk, k0), *Vt = bw_kblock(p, ws, ws->Vt, bi, hk, k0);
+        const acc_t *Kr = bw_krow(p, ws, bi, hk, k0);
+        memset(w.dK, 0, (size_t)(ncr * dp) * sizeof(acc_t));
+        memset(w.dV, 0, (size_t)(ncr * dp) * sizeof(acc_t));
+
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t h = hk * G + g;
+            for (int64_t q0 = 0; q0 < s.sq; q0 += BR) {
+                const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
+                if (!bw_bands(p, &s, q0, nr, k0, k0 + nc, w.lo, w.hi))
+                    continue;
+                const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
+                bw_stats(p, ws, &s, h, q0, nr, &w);
+                bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr);
+                /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's
+                 * strides; only the nr real rows enter the sum. Rows of dK/dV past nc see S/dP
+                 * columns that bw_row zeroed (up to ncp) or never wrote (up to ncr); they are
+                 * never stored. */
+                bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, w.dV, dp);
+                bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, w.dK, dp);
+                /* dQ += dX K into the chunk's partial sums. A ragged last block goes through the
+                 * scratch: its padding rows are another sequence's rows, owned by another item. */
+                acc_t *dQr = dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0) * dp;
+                if (nr == nrp) {
+                    bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, Kr, dp, dQr, dp);
+                } else {
+                    bw_gemm(0, nrp, dp, nc, w.dP, BC, 1, Kr, dp, w.dQ, dp);
+                    for (int64_t x = 0; x < nr * dp; x += VLEN)
+                        vstore(dQr + x, vload(dQr + x) + vload(w.dQ + x));
+                }
+                if (p->dpse) {
+                    acc_t *dpse = (acc_t *)p->dpse;
+                    for (int64_t r = 0; r < nr; r++) {
+                        acc_t *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
+                        const acc_t *x = w.dP + r * BC;
+                        for (int64_t c = 0; c < nc; c++)
+                            row[(k0 + c) * p->dpse_sc] += x[c];
+                    }
                 }
             }
         }
-    }
 
-    for (int64_t c = 0; c < nc; c++) {
-        const int64_t phys = s.k_row0 + k0 + c;
-        bw_store(f->dtype, w.dK + c * dp, d,
-                 (char *)p->dk + (s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh) * es);
-        bw_store(f->dtype, w.dV + c * dp, d,
-                 (char *)p->dv + (s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh) * es);
+        for (int64_t c = 0; c < nc; c++) {
+            const int64_t phys = s.k_row0 + k0 + c;
+            bw_store(f->dtype, w.dK + c * dp, d,
+                     (char *)p->dk + (s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh) * es);
+            bw_store(f->dtype, w.dV + c * dp, d,
+                     (char *)p->dv + (s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh) * es);
+        }
     }
     return FA_OK;
 }
 
-/* ---- dQ: one query block of one (batch, head) ---------------------------------------------------- */
+/* ---- dQ: the chunks' partial sums of one query block of one (batch, head), in chunk order ------ */
 
 fa_status FA_NAME(dq)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t h,
                       int64_t q0, void *buf)
@@ -528,36 +549,19 @@ fa_status FA_NAME(dq)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, i
     const fa_fwd_params *f = &p->f;
     const fa_seq s = fa_seq_of(f, bi);
     const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype);
-    const int64_t hk = h / (f->h / f->hk);
-    const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
-    if (nr <= 0)
-        return FA_OK;
-    const uint64_t thr = fa_dropout_threshold(f->dropout_p);
+    const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR;
+    const int64_t part = f->h * ws->qstride * dp;
     bw_scratch w = bw_carve(buf, d);
-
-    bw_bands(p, &s, q0, nr, 0, s.sk, w.lo, w.hi);
-    int64_t kmin = INT64_MAX, kmax = 0;
     for (int64_t r = 0; r < nr; r++) {
-        if (w.lo[r] < w.hi[r]) {
-            kmin = w.lo[r] < kmin ? w.lo[r] : kmin;
-            kmax = w.hi[r] > kmax ? w.hi[r] : kmax;
+        const acc_t *src = (const acc_t *)ws->dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0 + r) * dp;
+        for (int64_t x = 0; x < dp; x += VLEN) {
+            vec_t a = vload(src + x);
+            for (int64_t c = 1; c < ws->nch; c++)
+                a += vload(src + c * part + x);
+            vstore(w.dQ + x, a);
         }
-    }
-    memset(w.dQ, 0, (size_t)(nrp * dp) * sizeof(acc_t));
-    const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
-    if (kmin < kmax)
-        bw_stats(p, ws, &s, h, q0, nr, &w);
-    /* Key blocks as packk aligned them; rows clip them to their bands. */
-    for (int64_t kb0 = kmin < kmax ? kmin / BC * BC : kmax; kb0 < kmax; kb0 += BC) {
-        const int64_t nc = s.sk - kb0 < BC ? s.sk - kb0 : BC, ncp = RUP(nc, VLEN);
-        bw_block(p, &s, h, q0, nr, Q, dO, bw_kblock(p, ws, ws->Kt, bi, hk, kb0),
-                 bw_kblock(p, ws, ws->Vt, bi, hk, kb0), kb0, nc, ncp, &w, thr);
-        bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, bw_krow(p, ws, bi, hk, kb0), dp, w.dQ, dp); /* dQ += dX K */
-    }
-    for (int64_t r = 0; r < nr; r++) {
         const int64_t pr = s.q_row0 + q0 + r;
-        bw_store(f->dtype, w.dQ + r * dp, d,
-                 (char *)p->dq + (s.q_batch * p->dq_sb + pr * p->dq_sr + h * p->dq_sh) * es);
+        bw_store(f->dtype, w.dQ, d, (char *)p->dq + (s.q_batch * p->dq_sb + pr * p->dq_sr + h * p->dq_sh) * es);
     }
     return FA_OK;
 }
