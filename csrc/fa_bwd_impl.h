@@ -12,7 +12,7 @@
  *         acc_t rows, per (batch, head, rows);
  *   packk K^T, V^T blocks and K rows in acc_t, per (batch, kv head, key block). Converting once
  *         (O(S d) memory) instead of per block pair keeps the conversions and transposes, which
- *         cost about as much as a block GEMM each time, out of the two passes;
+ *         cost about as much as a block GEMM each time, out of the hot loop;
  *   dkdv  one chunk of key blocks (c, c + nch, ...) of one (batch, kv head): for each key block,
  *         each query head of the GQA group (in order) and each query block whose band reaches
  *         the key block (in order) it recomputes S, P, dP, dS and accumulates dV += (P z r)^T dO,
@@ -28,8 +28,13 @@
  * vectors and A read through two strides, broadcast one element at a time, so A may be a
  * transposed view (P^T, dS^T) at no packing cost. K and V are packed transposed (d x keys) for the
  * products with Q and dO, K also row-major (keys x dpad) for dQ; Q and dO row-major (rows x dpad),
- * all in the driver's workspace (fa_bwd_ws). Packed buffers are zero-padded to whole vectors and whole register tiles, so padding contributes
- * exact zeros. Accumulation is in acc_t throughout and each gradient is rounded once when stored.
+ * all in the driver's workspace (fa_bwd_ws). Packed buffers are zero-padded to whole vectors, so
+ * padding contributes exact zeros; padding rows of a block are computed and then discarded.
+ * Accumulation is in acc_t throughout (dK/dV in the item's scratch, dQ in the partial sums) and
+ * each gradient is rounded once to the input dtype when stored.
+ *
+ * Register tiles: the micro-kernel keeps FA_MR x FA_NR vector accumulators; per k step it loads
+ * FA_NR vectors of B and broadcasts FA_MR elements of A. FA_MR must divide the block sizes.
  */
 #include <math.h>
 #include <float.h>
@@ -44,6 +49,12 @@
 #define BC FA_BWD_BLOCK_KEYS
 #define DPAD(d) FA_BWD_DPAD(d)
 #define RUP(n, m) (((n) + (m) - 1) / (m) * (m))
+
+/* Padded blocks must fit the scratch (blocks are whole tiles) and the last query block's padding
+ * rows must exist in the workspace (the driver pads 8 rows). */
+_Static_assert(BR % FA_MR == 0 && BC % FA_MR == 0 && BC % (FA_VBYTES / sizeof(FA_ACC)) == 0,
+               "blocks must be whole register tiles and whole vectors");
+_Static_assert(FA_MR <= 8, "the workspace pads 8 query rows");
 
 /* ---- element conversions --------------------------------------------------------------------- */
 
