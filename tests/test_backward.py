@@ -401,3 +401,26 @@ def test_dropout_replay_matters():
     other = fa.flash_attn_bwd(dout, q, k, v, out, lse, dropout_p=c[-1], rng_state=np.array([99, 0]))
     assert not np.allclose(other[2], grads[2])
     assert math.isfinite(float(np.abs(other[0]).max()))
+
+
+@pytest.mark.parametrize("form", ["lse", "rowmax"])
+def test_funnel_invalid_line_zero(form):
+    """NPU invalid-line mode: a row masked entirely gives output 0, so it must give no gradient
+    (in either statistics form), unlike the averaging of test_funnel_npu_form_pse_mask_sink."""
+    rng = np.random.default_rng(14)
+    b, sq, sk, h, d = 1, 20, 30, 2, 8
+    q, k, v = (randn(rng, (b, s, h, d), np.float64) for s in (sq, sk, sk))
+    dout = randn(rng, (b, sq, h, d), np.float64)
+    mask = rng.random((b, h, sq, sk)) < 0.3
+    mask[0, :, 3] = True
+    fill = -float(np.finfo(np.float32).max)
+    kw = dict(scale=0.4, mask=mask.view(np.uint8), mask_fill=fill, invalid_line_zero=True)
+    rowmax, rowsum = np.empty((b, h, sq)), np.empty((b, h, sq))
+    out, lse, _ = _core.forward(q, k, v, out_shape=q.shape, lse_shape=(b, h, sq), rowmax=rowmax,
+                                rowsum=rowsum, **kw)
+    stats = dict(lse=lse) if form == "lse" else dict(rowmax=rowmax, rowsum=rowsum)
+    dq, dk, dv, _ = _core.backward(dout, q, k, v, out, **stats, **kw)
+    ref = naive(q, k, v, dout, scale=0.4, mask=mask, mask_fill=-np.inf)  # -inf: the row is empty
+    assert np.all(out[0, 3] == 0) and np.all(dq[0, 3] == 0)
+    for g, r in zip((out, dq, dk, dv), ref):
+        np.testing.assert_allclose(g, r, atol=1e-12)
