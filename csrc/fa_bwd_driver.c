@@ -1,27 +1,42 @@
 /* fa_bwd_driver.c: run the backward on threads.
  *
  * Three phases in one OpenMP region, separated by the barriers of its work-sharing loops:
- *   1. prep over (batch, head, 64-row block): D and the row statistics into a workspace
- *      (3 * heads * rows accumulators: the only extra memory besides one scratch per thread);
- *   2. dkdv over (batch, kv head, key block): each item owns its dK/dV rows (GQA groups included);
- *   3. dq over (batch, head, query block): each item owns its dQ rows.
+ *   1. prep over (batch, head, query block) and packk over (batch, kv head, key block): D, the row
+ *      statistics, and Q, dO, K, V converted once to the accumulator type in the kernels' layouts
+ *      (the workspace: O(S d), the only extra memory besides one block scratch per thread);
+ *   2. dkdv over (batch, kv head, chunk of key blocks): each item owns its dK/dV rows (GQA groups
+ *      included) and its chunk's dQ partial sums;
+ *   3. dq over (batch, head, query block): each item adds its rows' partial sums in chunk order.
  * No output element is touched by two items and every item sums in a fixed order, so the results
  * are bitwise identical for any thread count. Items are handed out dynamically, costliest first
- * (causal and varlen work is uneven), as the forward driver does. Splitting keys into blocks keeps
- * every core busy even for one long sequence with few heads.
+ * (causal and varlen work is uneven), as the forward driver does.
+ *
+ * Chunks: pass 2 has batch * kv heads * nch items. nch grows as batch * kv heads shrinks, so that
+ * one long sequence with few heads still yields at least FA_BWD_MIN_ITEMS items for the cores,
+ * while many heads use one chunk (no extra partial sums). nch depends on the problem only, never
+ * on the thread count, which keeps the dQ summation order, and so the bits, fixed. Chunk c takes
+ * key blocks c, c + nch, ..., which spreads a causal band's cost evenly over the chunks.
  *
  * The kernel family follows the forward's selection (fa_isa_selected); a family without a backward
  * build (AMX for now) uses the best one below it.
  */
+#define _GNU_SOURCE /* madvise */
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "fa_bwd_params.h"
 #include "fa_kernels.h"
 #include "fa_seq.h"
 
+#define FA_BWD_MIN_ITEMS 16
+
 #define BWD_KERNEL(name)                                                                           \
-    {name##_prep, name##_dkdv, name##_dq, name##_scratch, FA_BWD_BLOCK_ROWS, FA_BWD_BLOCK_KEYS}
+    {name##_prep,    name##_packk,     name##_dkdv,                                               \
+     name##_dq,      name##_scratch,   FA_BWD_BLOCK_ROWS,                                         \
+     FA_BWD_BLOCK_KEYS}
 
 static const fa_bwd_kernel bwd_tables[FA_ISA_COUNT][2] = {
     [FA_ISA_SCALAR] = {BWD_KERNEL(fa_bwd_f32__scalar), BWD_KERNEL(fa_bwd_f64__scalar)},
@@ -80,26 +95,70 @@ fa_status fa_bwd(const fa_bwd_params *p)
     const size_t acc = f->dtype == FA_F64 ? 8 : 4;
 
     int64_t rows = f->cu_q ? f->cu_q[f->b] : f->b * f->sq;
-    int64_t nq = 0, nk = 0;
+    int64_t nq = 0, npk = 0, max_kb = 1;
     for (int64_t bi = 0; bi < f->b; bi++) {
         fa_seq s = fa_seq_of(f, bi);
+        int64_t kb = (s.sk + bc - 1) / bc;
         nq += (s.sq + br - 1) / br * f->h;
-        nk += (s.sk + bc - 1) / bc * f->hk;
+        npk += kb * f->hk;
+        max_kb = kb > max_kb ? kb : max_kb;
     }
-    if (nq + nk == 0)
+    if (nq + npk == 0)
         return FA_OK;
+    int64_t nch = (FA_BWD_MIN_ITEMS + f->b * f->hk - 1) / (f->b * f->hk);
+    nch = nch < max_kb ? nch : max_kb;
+    const int64_t nk = f->b * f->hk * nch;
 
-    bwd_item *qi = malloc((size_t)(nq + nk) * sizeof(bwd_item));
-    void *wsbuf = malloc(3 * (size_t)(rows * f->h) * acc + 64);
-    if (!qi || !wsbuf) {
+    /* Workspace sizes, in accumulators. */
+    const int64_t dp = FA_BWD_DPAD(f->d);
+    const int64_t qstride = rows + 8; /* >= rows + FA_MR - 1: the last block's padding rows */
+    const int64_t krows = f->cu_k ? f->cu_k[f->b] : f->b * f->sk;
+    int64_t *kblk = malloc((size_t)(f->b + 1) * sizeof(int64_t));
+    int64_t blocks = 0;
+    for (int64_t bi = 0; kblk && bi < f->b; bi++) {
+        kblk[bi] = blocks;
+        blocks += (fa_seq_of(f, bi).sk + bc - 1) / bc;
+    }
+    const size_t n_stat = (size_t)(rows * f->h), n_q = (size_t)(f->h * qstride * dp),
+                 n_kt = (size_t)(f->hk * blocks * f->d * bc), n_kr = (size_t)(f->hk * krows * dp);
+    bwd_item *qi = malloc((size_t)(nq + nk + npk) * sizeof(bwd_item));
+    /* The workspace is large (tens of MB) and new on every call: 2 MB pages, where the OS allows
+     * them on request, cut its first-touch page faults and TLB misses by 512x. */
+    const size_t huge = (size_t)2 << 20;
+    size_t ws_bytes = ((3 * n_stat + (2 + nch) * n_q + 2 * n_kt + n_kr) * acc + huge) / huge * huge;
+    char *wsbuf = aligned_alloc(huge, ws_bytes);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (wsbuf)
+        madvise(wsbuf, ws_bytes, MADV_HUGEPAGE);
+#endif
+    if (!qi || !wsbuf || !kblk) {
         free(qi);
         free(wsbuf);
+        free(kblk);
         return FA_ERR_NOMEM;
     }
-    bwd_item *ki = qi + nq;
-    fa_bwd_ws ws = {wsbuf, (char *)wsbuf + (size_t)(rows * f->h) * acc,
-                    (char *)wsbuf + 2 * (size_t)(rows * f->h) * acc, rows};
-    int64_t a = 0, b = 0;
+    fa_bwd_ws ws;
+    char *at = wsbuf;
+    ws.D = at, at += n_stat * acc;
+    ws.m = at, at += n_stat * acc;
+    ws.il = at, at += n_stat * acc;
+    ws.Q = at, at += n_q * acc;
+    ws.dO = at, at += n_q * acc;
+    ws.Kt = at, at += n_kt * acc;
+    ws.Vt = at, at += n_kt * acc;
+    ws.Kr = at, at += n_kr * acc;
+    ws.dQp = at;
+    ws.rows = rows, ws.qstride = qstride, ws.krows = krows, ws.blocks = blocks, ws.dpad = dp;
+    ws.nch = nch;
+    ws.kblk = kblk;
+    /* Rows past the last query row are read as block padding: make them zeros, not garbage. */
+    for (int64_t h = 0; h < f->h; h++) {
+        memset((char *)ws.Q + (size_t)((h * qstride + rows) * dp) * acc, 0, (size_t)((qstride - rows) * dp) * acc);
+        memset((char *)ws.dO + (size_t)((h * qstride + rows) * dp) * acc, 0, (size_t)((qstride - rows) * dp) * acc);
+    }
+
+    bwd_item *ki = qi + nq, *pk = ki + nk;
+    int64_t a = 0, b = 0, c = 0;
     for (int64_t bi = 0; bi < f->b; bi++) {
         fa_seq s = fa_seq_of(f, bi);
         for (int64_t q0 = 0; q0 < s.sq; q0 += br) {
@@ -108,18 +167,25 @@ fa_status fa_bwd(const fa_bwd_params *p)
             for (int64_t h = 0; h < f->h; h++)
                 qi[a++] = (bwd_item){cost, bi, h, q0};
         }
-        for (int64_t k0 = 0; k0 < s.sk; k0 += bc) {
-            int64_t k1 = s.sk - k0 < bc ? s.sk : k0 + bc;
-            int64_t cost = G * pairs(f, &s, 0, s.sq, k0, k1) + (k1 - k0);
+        for (int64_t ch = 0; ch < nch; ch++) {
+            int64_t cost = s.sq;
+            for (int64_t k0 = ch * bc; k0 < s.sk; k0 += nch * bc) {
+                int64_t k1 = s.sk - k0 < bc ? s.sk : k0 + bc;
+                cost += G * pairs(f, &s, 0, s.sq, k0, k1) + (k1 - k0);
+            }
             for (int64_t hk = 0; hk < f->hk; hk++)
-                ki[b++] = (bwd_item){cost, bi, hk, k0};
+                ki[b++] = (bwd_item){cost, bi, hk, ch};
         }
+        for (int64_t k0 = 0; k0 < s.sk; k0 += bc)
+            for (int64_t hk = 0; hk < f->hk; hk++)
+                pk[c++] = (bwd_item){0, bi, hk, k0};
     }
     qsort(qi, (size_t)nq, sizeof(bwd_item), by_cost_desc);
     qsort(ki, (size_t)nk, sizeof(bwd_item), by_cost_desc);
 
     const size_t bytes = (k->scratch_bytes(p) + 63) / 64 * 64;
     int64_t most = nq > nk ? nq : nk;
+    most = most > npk ? most : npk;
     int nt = fa_get_num_threads();
     if (nt > most)
         nt = (int)most;
@@ -131,9 +197,12 @@ fa_status fa_bwd(const fa_bwd_params *p)
             failed = FA_ERR_NOMEM;
         /* The loops below always run to their barriers, even after a failure, so no thread waits
          * forever; a failed allocation only skips work. */
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
         for (int64_t it = 0; it < nq; it++)
             k->prep(p, &ws, qi[it].bi, qi[it].h, qi[it].x0, br);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < npk; it++)
+            k->packk(p, &ws, pk[it].bi, pk[it].h, pk[it].x0);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < nk; it++) {
             if (!buf || failed != FA_OK)
@@ -154,5 +223,6 @@ fa_status fa_bwd(const fa_bwd_params *p)
     }
     free(qi);
     free(wsbuf);
+    free(kblk);
     return (fa_status)failed;
 }

@@ -7,24 +7,34 @@
  *   FA_NAME(x)      the name of symbol x for this build
  * and includes this file. Blocks are FA_BWD_BLOCK_ROWS query rows by FA_BWD_BLOCK_KEYS keys.
  *
- * The math is the one stated in fa_bwd_params.h (Dao 2023, Algorithm 2). Three entry points:
- *   prep  D_i = dO_i . O_i and the per-row P = exp(s - m) * il statistics, per (batch, head, rows).
- *   dkdv  one key block of one (batch, kv head): K and V are packed once; for each query head of
- *         the GQA group (in order) and each query block whose band reaches the key block (in
- *         order) it recomputes S, P, dP, dS and accumulates dV += (P z r)^T dO, dK += dX^T Q.
- *         The item owns its dK/dV rows, so the group sum needs no reduction and has a fixed order.
- *   dq    one query block of one (batch, head): for each key block of its band (in order) it
- *         recomputes S, P, dP, dS and accumulates dQ += dX K.
- * Recomputing S and dP in both passes costs 7 block GEMMs per (query block, key block) instead of
- * FlashAttention-2's 5, and buys what atomics would otherwise give: any number of threads, no
- * races, bitwise-identical results for every thread count, and scratch O(block * d) per thread.
+ * The math is the one stated in fa_bwd_params.h (Dao 2023, Algorithm 2). Four entry points:
+ *   prep  D_i = dO_i . O_i, the per-row P = exp(s - m) * il statistics, and Q, dO converted to
+ *         acc_t rows, per (batch, head, rows);
+ *   packk K^T, V^T blocks and K rows in acc_t, per (batch, kv head, key block). Converting once
+ *         (O(S d) memory) instead of per block pair keeps the conversions and transposes, which
+ *         cost about as much as a block GEMM each time, out of the hot loop;
+ *   dkdv  one chunk of key blocks (c, c + nch, ...) of one (batch, kv head): for each key block,
+ *         each query head of the GQA group (in order) and each query block whose band reaches
+ *         the key block (in order) it recomputes S, P, dP, dS and accumulates dV += (P z r)^T dO,
+ *         dK += dX^T Q (owned rows: the group sum needs no reduction) and dQ += dX K into the
+ *         chunk's own dQ partial sums;
+ *   dq    one query block of one (batch, head): dQ = the chunks' partial sums, added in order.
+ * That is FlashAttention-2's 5 block GEMMs per (query block, key block). Where the GPU kernel adds
+ * dQ with atomics, the partial sums per chunk give the same work with no races and a fixed
+ * summation order: the number of chunks depends on the problem only (fa_bwd_driver.c), so results
+ * are bitwise identical for every thread count.
  *
  * Every block GEMM is one micro-kernel shape: C[rows x cols] (+)= A . B with B row-major in
  * vectors and A read through two strides, broadcast one element at a time, so A may be a
  * transposed view (P^T, dS^T) at no packing cost. K and V are packed transposed (d x keys) for the
- * products with Q and dO, K also row-major (keys x dpad) for dQ; Q and dO row-major (rows x dpad).
- * Packed buffers are zero-padded to whole vectors and whole register tiles, so padding contributes
- * exact zeros. Accumulation is in acc_t throughout and each gradient is rounded once when stored.
+ * products with Q and dO, K also row-major (keys x dpad) for dQ; Q and dO row-major (rows x dpad),
+ * all in the driver's workspace (fa_bwd_ws). Packed buffers are zero-padded to whole vectors, so
+ * padding contributes exact zeros; padding rows of a block are computed and then discarded.
+ * Accumulation is in acc_t throughout (dK/dV in the item's scratch, dQ in the partial sums) and
+ * each gradient is rounded once to the input dtype when stored.
+ *
+ * Register tiles: the micro-kernel keeps FA_MR x FA_NR vector accumulators; per k step it loads
+ * FA_NR vectors of B and broadcasts FA_MR elements of A. FA_MR must divide the block sizes.
  */
 #include <math.h>
 #include <float.h>
@@ -37,8 +47,14 @@
 
 #define BR FA_BWD_BLOCK_ROWS
 #define BC FA_BWD_BLOCK_KEYS
-#define DPAD(d) (((d) + VLEN - 1) / VLEN * VLEN)
+#define DPAD(d) FA_BWD_DPAD(d)
 #define RUP(n, m) (((n) + (m) - 1) / (m) * (m))
+
+/* Padded blocks must fit the scratch (blocks are whole tiles) and the last query block's padding
+ * rows must exist in the workspace (the driver pads 8 rows). */
+_Static_assert(BR % FA_MR == 0 && BC % FA_MR == 0 && BC % (FA_VBYTES / sizeof(FA_ACC)) == 0,
+               "blocks must be whole register tiles and whole vectors");
+_Static_assert(FA_MR <= 8, "the workspace pads 8 query rows");
 
 /* ---- element conversions --------------------------------------------------------------------- */
 
@@ -104,6 +120,14 @@ FA_INLINE acc_t bw_one(fa_dtype t, const void *base, int64_t idx)
 
 /* ---- the micro-kernel and the block GEMM ------------------------------------------------------ */
 
+/* x in every lane. fa_vec.h's vsplat adds x to a zero vector, which the compiler must keep (it
+ * turns -0 into +0); a shuffle is a plain broadcast, one instruction from memory. */
+FA_INLINE vec_t bw_bcast(acc_t x)
+{
+    vec_t v = {x};
+    return __builtin_shuffle(v, (veci_t){0});
+}
+
 /* C[FA_MR x NV*VLEN] (+)= A[FA_MR x kn] . B[kn x NV*VLEN], A(r, k) = A[r*ars + k*aks]. The FA_MR x NV
  * accumulators stay in registers for the whole k loop: per k, NV vector loads of B and FA_MR
  * broadcasts feed FA_MR*NV FMAs. */
@@ -120,7 +144,7 @@ FA_INLINE void bw_tile(const int NV, const int add, const acc_t *restrict A, int
         for (int v = 0; v < NV; v++)
             b[v] = vload(B + k * ldb + v * VLEN);
         for (int r = 0; r < FA_MR; r++) {
-            vec_t a = vsplat(A[r * ars + k * aks]);
+            vec_t a = bw_bcast(A[r * ars + k * aks]);
             for (int v = 0; v < NV; v++)
                 acc[r][v] += a * b[v];
         }
@@ -168,10 +192,7 @@ static void bw_gemm(int add, int64_t rows, int64_t cols, int64_t kn, const acc_t
 /* ---- scratch ------------------------------------------------------------------------------------ */
 
 typedef struct {
-    acc_t *Kt, *Vt; /* d x BC: keys transposed */
-    acc_t *Kr;      /* BC x dpad: keys row-major (dq pass) */
     acc_t *dK, *dV; /* BC x dpad accumulators (dkdv pass) */
-    acc_t *Q, *dO;  /* BR x dpad */
     acc_t *dQ;      /* BR x dpad accumulator (dq pass) */
     acc_t *S, *dP;  /* BR x BC: scores -> P z r; dO V^T -> dX */
     acc_t *G, *Z;   /* BC: per-row chain factor and dropout keep * r */
@@ -184,9 +205,9 @@ typedef struct {
 
 size_t FA_NAME(scratch)(const fa_bwd_params *p)
 {
-    const int64_t d = p->f.d, dp = DPAD(d);
-    return 2 * PIECE(d * BC) + 3 * PIECE(BC * dp) + 3 * PIECE(BR * dp) + 2 * PIECE(BR * BC) +
-           2 * PIECE(BC) + PIECE(3 * BR) + 2 * IPIECE(BR);
+    const int64_t dp = DPAD(p->f.d);
+    return 2 * PIECE(BC * dp) + PIECE(BR * dp) + 2 * PIECE(BR * BC) + 2 * PIECE(BC) +
+           PIECE(3 * BR) + 2 * IPIECE(BR);
 }
 
 static bw_scratch bw_carve(void *buf, int64_t d)
@@ -195,13 +216,8 @@ static bw_scratch bw_carve(void *buf, int64_t d)
     char *q = (char *)buf;
     bw_scratch w;
 #define TAKE(field, n) (w.field = (acc_t *)q, q += PIECE(n))
-    TAKE(Kt, d * BC);
-    TAKE(Vt, d * BC);
-    TAKE(Kr, BC * dp);
     TAKE(dK, BC * dp);
     TAKE(dV, BC * dp);
-    TAKE(Q, BR * dp);
-    TAKE(dO, BR * dp);
     TAKE(dQ, BR * dp);
     TAKE(S, BR * BC);
     TAKE(dP, BR * BC);
@@ -214,56 +230,66 @@ static bw_scratch bw_carve(void *buf, int64_t d)
     return w;
 }
 
-/* ---- packing ------------------------------------------------------------------------------------ */
+/* ---- workspace addressing ------------------------------------------------------------------------ */
 
-/* Keys [k0, k0 + nc) of kv head hk from view v, transposed into T (d x BC, columns nc..ncp zero)
- * and, when R is not NULL, row-major into R (BC x dpad, padding zero). tmp holds dpad values. */
-static void bw_pack_keys(const fa_bwd_params *p, const fa_view *v, const fa_seq *s, int64_t hk,
-                         int64_t k0, int64_t nc, int64_t ncp, acc_t *T, acc_t *R, acc_t *tmp)
+/* Workspace row of row i of sequence s (the statistics' and packed Q/dO's row index). */
+FA_INLINE int64_t bw_qrow(const fa_bwd_params *p, const fa_seq *s, int64_t i)
 {
-    const int64_t d = p->f.d, dp = DPAD(d), es = fa_dtype_size(p->f.dtype);
-    for (int64_t c = 0; c < nc; c++) {
-        acc_t *row = R ? R + c * dp : tmp;
-        bw_load(p->f.dtype, fa_key_ptr(&p->f, v, s, k0 + c, hk, es), d, row);
-        for (int64_t k = d; k < dp; k++)
-            row[k] = 0;
-        for (int64_t k = 0; k < d; k++)
-            T[k * BC + c] = row[k];
-    }
-    for (int64_t k = 0; k < d; k++)
-        for (int64_t c = nc; c < ncp; c++)
-            T[k * BC + c] = 0;
-    if (R)
-        for (int64_t c = nc; c < RUP(ncp, FA_MR); c++)
-            for (int64_t k = 0; k < dp; k++)
-                R[c * dp + k] = 0;
+    return p->f.cu_q ? s->q_row0 + i : s->bi * p->f.sq + i;
 }
 
-/* Rows [q0, q0 + nr) of head h of a q-shaped view into X (rows x dpad), rows up to nrp zero. */
-static void bw_pack_rows(const fa_bwd_params *p, const fa_view *v, const fa_seq *s, int64_t h,
-                         int64_t q0, int64_t nr, int64_t nrp, acc_t *X)
-{
-    const int64_t d = p->f.d, dp = DPAD(d), es = fa_dtype_size(p->f.dtype);
-    for (int64_t r = 0; r < nrp; r++) {
-        acc_t *row = X + r * dp;
-        int64_t k = 0;
-        if (r < nr) {
-            const char *src = (const char *)v->ptr +
-                              (s->q_batch * v->sb + (s->q_row0 + q0 + r) * v->sr + h * v->sh) * es;
-            bw_load(p->f.dtype, src, d, row);
-            k = d;
-        }
-        for (; k < dp; k++)
-            row[k] = 0;
-    }
-}
-
-/* Index of (head h, row i of sequence s) in the preprocess workspace. */
 FA_INLINE int64_t bw_ws_at(const fa_bwd_params *p, const fa_bwd_ws *ws, const fa_seq *s, int64_t h,
                            int64_t i)
 {
-    int64_t row = p->f.cu_q ? s->q_row0 + i : s->bi * p->f.sq + i;
-    return h * ws->rows + row;
+    return h * ws->rows + bw_qrow(p, s, i);
+}
+
+/* Packed Q (or dO) rows of head h starting at row i. */
+FA_INLINE const acc_t *bw_rows(const fa_bwd_params *p, const fa_bwd_ws *ws, const void *base,
+                               const fa_seq *s, int64_t h, int64_t i)
+{
+    return (const acc_t *)base + (h * ws->qstride + bw_qrow(p, s, i)) * ws->dpad;
+}
+
+/* Transposed block (d x BC) of keys [k0, k0 + BC) of kv head hk, k0 a multiple of BC. */
+FA_INLINE acc_t *bw_kblock(const fa_bwd_params *p, const fa_bwd_ws *ws, void *base, int64_t bi,
+                           int64_t hk, int64_t k0)
+{
+    return (acc_t *)base + ((hk * ws->blocks + ws->kblk[bi] + k0 / BC) * p->f.d) * BC;
+}
+
+/* Packed K row of key j of sequence bi, kv head hk. */
+FA_INLINE acc_t *bw_krow(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t hk,
+                         int64_t j)
+{
+    int64_t row = p->f.cu_k ? p->f.cu_k[bi] + j : bi * p->f.sk + j;
+    return (acc_t *)ws->Kr + (hk * ws->krows + row) * ws->dpad;
+}
+
+/* ---- packing ------------------------------------------------------------------------------------ */
+
+void FA_NAME(packk)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t hk, int64_t k0)
+{
+    const fa_fwd_params *f = &p->f;
+    const fa_seq s = fa_seq_of(f, bi);
+    const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype);
+    const int64_t nc = s.sk - k0 < BC ? s.sk - k0 : BC;
+    acc_t *Kt = bw_kblock(p, ws, ws->Kt, bi, hk, k0), *Vt = bw_kblock(p, ws, ws->Vt, bi, hk, k0);
+    acc_t vrow[DPAD(512)];
+    for (int64_t c = 0; c < nc; c++) {
+        acc_t *kr = bw_krow(p, ws, bi, hk, k0 + c);
+        bw_load(f->dtype, fa_key_ptr(f, &f->k, &s, k0 + c, hk, es), d, kr);
+        bw_load(f->dtype, fa_key_ptr(f, &f->v, &s, k0 + c, hk, es), d, vrow);
+        for (int64_t k = d; k < dp; k++)
+            kr[k] = 0;
+        for (int64_t k = 0; k < d; k++) {
+            Kt[k * BC + c] = kr[k];
+            Vt[k * BC + c] = vrow[k];
+        }
+    }
+    for (int64_t k = 0; k < d; k++)
+        for (int64_t c = nc; c < BC; c++)
+            Kt[k * BC + c] = Vt[k * BC + c] = 0;
 }
 
 /* ---- preprocess --------------------------------------------------------------------------------- */
@@ -273,18 +299,22 @@ void FA_NAME(prep)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int6
 {
     const fa_fwd_params *f = &p->f;
     const fa_seq s = fa_seq_of(f, bi);
-    const int64_t d = f->d, es = fa_dtype_size(f->dtype);
+    const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype);
     acc_t *D = (acc_t *)ws->D, *M = (acc_t *)ws->m, *IL = (acc_t *)ws->il;
     const acc_t fill = (acc_t)f->mask_fill;
+    acc_t orow[DPAD(512)];
     for (int64_t i = q0; i < q0 + n && i < s.sq; i++) {
         const int64_t pr = s.q_row0 + i;
-        const char *dor =
-            (const char *)p->dout.ptr + (s.q_batch * p->dout.sb + pr * p->dout.sr + h * p->dout.sh) * es;
-        const char *orow =
-            (const char *)p->out.ptr + (s.q_batch * p->out.sb + pr * p->out.sr + h * p->out.sh) * es;
+        acc_t *qr = (acc_t *)bw_rows(p, ws, ws->Q, &s, h, i);
+        acc_t *dor = (acc_t *)bw_rows(p, ws, ws->dO, &s, h, i);
+        bw_load(f->dtype, (const char *)f->q.ptr + (s.q_batch * f->q.sb + pr * f->q.sr + h * f->q.sh) * es, d, qr);
+        bw_load(f->dtype, (const char *)p->dout.ptr + (s.q_batch * p->dout.sb + pr * p->dout.sr + h * p->dout.sh) * es, d, dor);
+        bw_load(f->dtype, (const char *)p->out.ptr + (s.q_batch * p->out.sb + pr * p->out.sr + h * p->out.sh) * es, d, orow);
         acc_t dsum = 0;
         for (int64_t k = 0; k < d; k++)
-            dsum += bw_one(f->dtype, dor, k) * bw_one(f->dtype, orow, k);
+            dsum += dor[k] * orow[k];
+        for (int64_t k = d; k < dp; k++)
+            qr[k] = dor[k] = 0;
         /* Statistics are stored per packed row for varlen (batch stride ignored), as the forward
          * writes them. */
         const int64_t sr = f->cu_q ? pr : i, sb = f->cu_q ? 0 : bi;
@@ -414,14 +444,16 @@ static int bw_bands(const fa_bwd_params *p, const fa_seq *s, int64_t q0, int64_t
     return any;
 }
 
-/* S = Q Kt and dP = dO Vt for the block, then every row through bw_row. */
-static void bw_block(const fa_bwd_params *p, const fa_bwd_ws *ws, const fa_seq *s, int64_t h,
-                     int64_t q0, int64_t nr, int64_t kb0, int64_t nc, int64_t ncp, bw_scratch *w,
-                     uint64_t thr)
+/* S = Q Kt and dP = dO Vt for rows [q0, q0 + nr) against the key block at kb0, then every row
+ * through bw_row. Q/dO rows past nr are read (they exist: the workspace pads) and their results
+ * replaced by zeros, since a GEMM row depends only on its own A row. */
+static void bw_block(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t q0, int64_t nr,
+                     const acc_t *Q, const acc_t *dO, const acc_t *Kt, const acc_t *Vt, int64_t kb0,
+                     int64_t nc, int64_t ncp, bw_scratch *w, uint64_t thr)
 {
     const int64_t d = p->f.d, dp = DPAD(d), nrp = RUP(nr, FA_MR);
-    bw_gemm(0, nrp, ncp, d, w->Q, dp, 1, w->Kt, BC, w->S, BC);
-    bw_gemm(0, nrp, ncp, d, w->dO, dp, 1, w->Vt, BC, w->dP, BC);
+    bw_gemm(0, nrp, ncp, d, Q, dp, 1, Kt, BC, w->S, BC);
+    bw_gemm(0, nrp, ncp, d, dO, dp, 1, Vt, BC, w->dP, BC);
     for (int64_t r = 0; r < nrp; r++) {
         acc_t *Sr = w->S + r * BC, *dPr = w->dP + r * BC;
         int64_t c0 = 0, c1 = 0;
@@ -446,63 +478,81 @@ static void bw_stats(const fa_bwd_params *p, const fa_bwd_ws *ws, const fa_seq *
     }
 }
 
-/* ---- dK/dV: one key block of one (batch, kv head) ------------------------------------------------ */
+/* ---- dK/dV (and dQ partials): one chunk of key blocks of one (batch, kv head) ------------------- */
 
 fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t hk,
-                        int64_t k0, void *buf)
+                        int64_t chunk, void *buf)
 {
     const fa_fwd_params *f = &p->f;
     const fa_seq s = fa_seq_of(f, bi);
     const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype), G = f->h / f->hk;
-    const int64_t nc = s.sk - k0 < BC ? s.sk - k0 : BC;
-    if (nc <= 0)
-        return FA_OK;
-    const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
     const uint64_t thr = fa_dropout_threshold(f->dropout_p);
+    const int64_t part = f->h * ws->qstride * dp; /* accumulators per chunk of dQ partials */
+    acc_t *dQp = (acc_t *)ws->dQp + chunk * part;
     bw_scratch w = bw_carve(buf, d);
 
-    bw_pack_keys(p, &f->k, &s, hk, k0, nc, ncp, w.Kt, NULL, w.dQ);
-    bw_pack_keys(p, &f->v, &s, hk, k0, nc, ncp, w.Vt, NULL, w.dQ);
-    memset(w.dK, 0, (size_t)(ncr * dp) * sizeof(acc_t));
-    memset(w.dV, 0, (size_t)(ncr * dp) * sizeof(acc_t));
+    /* This item alone owns its chunk's partial sums of the group's rows: start them at zero. */
+    for (int64_t g = 0; g < G; g++)
+        memset(dQp + (hk * G + g) * ws->qstride * dp + bw_qrow(p, &s, 0) * dp, 0,
+               (size_t)(s.sq * dp) * sizeof(acc_t));
 
-    for (int64_t g = 0; g < G; g++) {
-        const int64_t h = hk * G + g;
-        for (int64_t q0 = 0; q0 < s.sq; q0 += BR) {
-            const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
-            if (!bw_bands(p, &s, q0, nr, k0, k0 + nc, w.lo, w.hi))
-                continue;
-            bw_pack_rows(p, &f->q, &s, h, q0, nr, nrp, w.Q);
-            bw_pack_rows(p, &p->dout, &s, h, q0, nr, nrp, w.dO);
-            bw_stats(p, ws, &s, h, q0, nr, &w);
-            bw_block(p, ws, &s, h, q0, nr, k0, nc, ncp, &w, thr);
-            /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's strides;
-             * only the nr real rows enter the sum. */
-            bw_gemm(1, ncr, dp, nr, w.S, 1, BC, w.dO, dp, w.dV, dp);
-            bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, w.Q, dp, w.dK, dp);
-            if (p->dpse) {
-                acc_t *dpse = (acc_t *)p->dpse;
-                for (int64_t r = 0; r < nr; r++) {
-                    acc_t *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
-                    const acc_t *x = w.dP + r * BC;
-                    for (int64_t c = 0; c < nc; c++)
-                        row[(k0 + c) * p->dpse_sc] += x[c];
+    for (int64_t k0 = chunk * BC; k0 < s.sk; k0 += ws->nch * BC) {
+        const int64_t nc = s.sk - k0 < BC ? s.sk - k0 : BC;
+        const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
+        const acc_t *Kt = bw_kblock(p, ws, ws->Kt, bi, hk, k0), *Vt = bw_kblock(p, ws, ws->Vt, bi, hk, k0);
+        const acc_t *Kr = bw_krow(p, ws, bi, hk, k0);
+        memset(w.dK, 0, (size_t)(ncr * dp) * sizeof(acc_t));
+        memset(w.dV, 0, (size_t)(ncr * dp) * sizeof(acc_t));
+
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t h = hk * G + g;
+            for (int64_t q0 = 0; q0 < s.sq; q0 += BR) {
+                const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
+                if (!bw_bands(p, &s, q0, nr, k0, k0 + nc, w.lo, w.hi))
+                    continue;
+                const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
+                bw_stats(p, ws, &s, h, q0, nr, &w);
+                bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr);
+                /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's
+                 * strides; only the nr real rows enter the sum. Rows of dK/dV past nc see S/dP
+                 * columns that bw_row zeroed (up to ncp) or never wrote (up to ncr); they are
+                 * never stored. */
+                bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, w.dV, dp);
+                bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, w.dK, dp);
+                /* dQ += dX K into the chunk's partial sums. A ragged last block goes through the
+                 * scratch: its padding rows are another sequence's rows, owned by another item. */
+                acc_t *dQr = dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0) * dp;
+                if (nr == nrp) {
+                    bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, Kr, dp, dQr, dp);
+                } else {
+                    bw_gemm(0, nrp, dp, nc, w.dP, BC, 1, Kr, dp, w.dQ, dp);
+                    for (int64_t x = 0; x < nr * dp; x += VLEN)
+                        vstore(dQr + x, vload(dQr + x) + vload(w.dQ + x));
+                }
+                if (p->dpse) {
+                    acc_t *dpse = (acc_t *)p->dpse;
+                    for (int64_t r = 0; r < nr; r++) {
+                        acc_t *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
+                        const acc_t *x = w.dP + r * BC;
+                        for (int64_t c = 0; c < nc; c++)
+                            row[(k0 + c) * p->dpse_sc] += x[c];
+                    }
                 }
             }
         }
-    }
 
-    for (int64_t c = 0; c < nc; c++) {
-        const int64_t phys = s.k_row0 + k0 + c;
-        bw_store(f->dtype, w.dK + c * dp, d,
-                 (char *)p->dk + (s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh) * es);
-        bw_store(f->dtype, w.dV + c * dp, d,
-                 (char *)p->dv + (s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh) * es);
+        for (int64_t c = 0; c < nc; c++) {
+            const int64_t phys = s.k_row0 + k0 + c;
+            bw_store(f->dtype, w.dK + c * dp, d,
+                     (char *)p->dk + (s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh) * es);
+            bw_store(f->dtype, w.dV + c * dp, d,
+                     (char *)p->dv + (s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh) * es);
+        }
     }
     return FA_OK;
 }
 
-/* ---- dQ: one query block of one (batch, head) ---------------------------------------------------- */
+/* ---- dQ: the chunks' partial sums of one query block of one (batch, head), in chunk order ------ */
 
 fa_status FA_NAME(dq)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t h,
                       int64_t q0, void *buf)
@@ -510,38 +560,19 @@ fa_status FA_NAME(dq)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, i
     const fa_fwd_params *f = &p->f;
     const fa_seq s = fa_seq_of(f, bi);
     const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype);
-    const int64_t hk = h / (f->h / f->hk);
-    const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
-    if (nr <= 0)
-        return FA_OK;
-    const uint64_t thr = fa_dropout_threshold(f->dropout_p);
+    const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR;
+    const int64_t part = f->h * ws->qstride * dp;
     bw_scratch w = bw_carve(buf, d);
-
-    bw_bands(p, &s, q0, nr, 0, s.sk, w.lo, w.hi);
-    int64_t kmin = INT64_MAX, kmax = 0;
     for (int64_t r = 0; r < nr; r++) {
-        if (w.lo[r] < w.hi[r]) {
-            kmin = w.lo[r] < kmin ? w.lo[r] : kmin;
-            kmax = w.hi[r] > kmax ? w.hi[r] : kmax;
+        const acc_t *src = (const acc_t *)ws->dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0 + r) * dp;
+        for (int64_t x = 0; x < dp; x += VLEN) {
+            vec_t a = vload(src + x);
+            for (int64_t c = 1; c < ws->nch; c++)
+                a += vload(src + c * part + x);
+            vstore(w.dQ + x, a);
         }
-    }
-    memset(w.dQ, 0, (size_t)(nrp * dp) * sizeof(acc_t));
-    if (kmin < kmax) {
-        bw_pack_rows(p, &f->q, &s, h, q0, nr, nrp, w.Q);
-        bw_pack_rows(p, &p->dout, &s, h, q0, nr, nrp, w.dO);
-        bw_stats(p, ws, &s, h, q0, nr, &w);
-    }
-    for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BC) {
-        const int64_t nc = kmax - kb0 < BC ? kmax - kb0 : BC, ncp = RUP(nc, VLEN);
-        bw_pack_keys(p, &f->k, &s, hk, kb0, nc, ncp, w.Kt, w.Kr, NULL);
-        bw_pack_keys(p, &f->v, &s, hk, kb0, nc, ncp, w.Vt, NULL, w.dK);
-        bw_block(p, ws, &s, h, q0, nr, kb0, nc, ncp, &w, thr);
-        bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, w.Kr, dp, w.dQ, dp); /* dQ += dX K */
-    }
-    for (int64_t r = 0; r < nr; r++) {
         const int64_t pr = s.q_row0 + q0 + r;
-        bw_store(f->dtype, w.dQ + r * dp, d,
-                 (char *)p->dq + (s.q_batch * p->dq_sb + pr * p->dq_sr + h * p->dq_sh) * es);
+        bw_store(f->dtype, w.dQ, d, (char *)p->dq + (s.q_batch * p->dq_sb + pr * p->dq_sr + h * p->dq_sh) * es);
     }
     return FA_OK;
 }

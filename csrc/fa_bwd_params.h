@@ -61,31 +61,48 @@ typedef struct {
     int64_t dpse_sb, dpse_sh, dpse_sr, dpse_sc;
 } fa_bwd_params;
 
-/* Runs the backward (fa_bwd_driver.c): a preprocess for D and the row statistics, a pass over
- * (batch, kv head, key block) for dK/dV, and a pass over (batch, head, query block) for dQ.
- * Extra memory O((rows + threads * block) * heads * d); results do not depend on the thread count. */
+/* Runs the backward (fa_bwd_driver.c): a preprocess that computes D and the row statistics and
+ * converts Q, dO, K, V once into the accumulator type and the kernels' layouts; a pass over
+ * (batch, kv head, chunk of key blocks) that computes dK/dV and adds dQ contributions into the
+ * chunk's own dQ partial sums; and a pass over (batch, head, query block) that adds the chunks'
+ * partial sums in a fixed order. Extra memory: the converted copies and the partial sums
+ * ((5 + chunks) * rows * heads * d accumulators, O(S d), never S x S) plus one block scratch per
+ * thread; results do not depend on the thread count. */
 fa_status fa_bwd(const fa_bwd_params *p);
 
 /* ---- per-ISA entry points (fa_bwd_impl.h) ---- */
 
-/* Row statistics of the preprocess, per (head, packed row): D, the offset m and multiplier il
- * with P = exp(s - m) * il (a dead row has m = +inf, il = 0). */
+/* The driver's workspace, filled by the preprocess (prep, packk) and read by dkdv and dq. All
+ * arrays are in the accumulator type; dpad is FA_BWD_DPAD(d).
+ *   D, m, il  [h][rows]: D_i, and P = exp(s - m) * il (a dead row has m = +inf, il = 0)
+ *   Q, dO     [h][qstride][dpad]: rows zero-padded past d; qstride >= rows + 8, the tail zero
+ *   Kt, Vt    [hk][blocks][d][block_keys]: key blocks transposed, columns past the keys zero
+ *   Kr        [hk][krows][dpad]: keys row-major
+ *   dQp       [nch][h][qstride][dpad]: dQ partial sums, chunk c holding the contributions of key
+ *             blocks c, c + nch, c + 2 nch, ... (zeroed and filled by the chunk's dkdv items)
+ * A query row's index is its packed row (varlen) or batch * sq + row; a key's is cu_k[batch] + key
+ * or batch * sk + key; sequence bi's key blocks start at kblk[bi]. */
 typedef struct {
-    void *D, *m, *il; /* accumulator type, [h][total rows] */
-    int64_t rows;     /* total rows (the row stride of each head) */
+    void *D, *m, *il;
+    void *Q, *dO, *Kt, *Vt, *Kr, *dQp;
+    int64_t rows, qstride, krows, blocks, dpad, nch;
+    const int64_t *kblk;
 } fa_bwd_ws;
 
 typedef void (*fa_bwd_prep_fn)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                                int64_t h, int64_t q0, int64_t n);
+typedef void (*fa_bwd_packk_fn)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
+                                int64_t hk, int64_t k0);
 typedef fa_status (*fa_bwd_dkdv_fn)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
-                                    int64_t hk, int64_t k0, void *buf);
+                                    int64_t hk, int64_t chunk, void *buf);
 typedef fa_status (*fa_bwd_dq_fn)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                                   int64_t h, int64_t q0, void *buf);
 
 typedef struct {
-    fa_bwd_prep_fn prep;
-    fa_bwd_dkdv_fn dkdv; /* keys [k0, k0 + block_keys) of (bi, kv head hk) */
-    fa_bwd_dq_fn dq;     /* rows [q0, q0 + block_rows) of (bi, h) */
+    fa_bwd_prep_fn prep;   /* rows [q0, q0 + n) of (bi, h): statistics, Q and dO */
+    fa_bwd_packk_fn packk; /* keys [k0, k0 + block_keys) of (bi, hk): Kt, Vt, Kr */
+    fa_bwd_dkdv_fn dkdv;   /* key blocks chunk, chunk + nch, ... of (bi, kv head hk) */
+    fa_bwd_dq_fn dq;       /* rows [q0, q0 + block_rows) of (bi, h): sum of the dQ partials */
     size_t (*scratch_bytes)(const fa_bwd_params *p);
     int block_rows, block_keys;
 } fa_bwd_kernel;
@@ -93,6 +110,7 @@ typedef struct {
 #define FA_BWD_DECLARE(name)                                                                       \
     void name##_prep(const fa_bwd_params *, const fa_bwd_ws *, int64_t, int64_t, int64_t,         \
                      int64_t);                                                                     \
+    void name##_packk(const fa_bwd_params *, const fa_bwd_ws *, int64_t, int64_t, int64_t);       \
     fa_status name##_dkdv(const fa_bwd_params *, const fa_bwd_ws *, int64_t, int64_t, int64_t,    \
                           void *);                                                                 \
     fa_status name##_dq(const fa_bwd_params *, const fa_bwd_ws *, int64_t, int64_t, int64_t,      \
@@ -109,5 +127,7 @@ FA_BWD_DECLARE(fa_bwd_f64__avx512)
 /* Query rows and keys per block, shared by every build so the driver can split work. */
 #define FA_BWD_BLOCK_ROWS 64
 #define FA_BWD_BLOCK_KEYS 64
+/* Row length of packed rows: d rounded up to 16, a whole number of vectors for every build. */
+#define FA_BWD_DPAD(d) (((d) + 15) / 16 * 16)
 
 #endif

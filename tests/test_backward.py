@@ -164,6 +164,7 @@ CASES = [
     (1, 150, 150, 3, 3, 64, False, (-1, -1), 0.0, False, 0.17),
     (2, 77, 190, 4, 2, 24, True, (-1, -1), 0.0, True, 0.3),
     (1, 64, 256, 2, 1, 48, False, (30, 30), 0.0, False, 0.1),
+    (2, 70, 150, 16, 8, 16, True, (-1, -1), 0.0, False, 0.0),  # batch * kv heads >= 16: one chunk
 ]
 
 
@@ -219,7 +220,7 @@ def test_grads(c, dname):
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
-@pytest.mark.parametrize("dname", ["f32", "f64", "bf16"])
+@pytest.mark.parametrize("dname", ["f32", "f64", "bf16", "f16"])
 @pytest.mark.parametrize("c", [CASES[1], CASES[4], CASES[9], CASES[11]], ids=case_id)
 def test_grads_every_isa(c, dname, isa):
     if isa not in ISAS:
@@ -233,7 +234,7 @@ def test_noncontiguous_dout():
     check_case(CASES[11], "bf16", dout_noncontig=True)
 
 
-@pytest.mark.parametrize("c", [CASES[1], CASES[7], CASES[11]], ids=case_id)
+@pytest.mark.parametrize("c", [CASES[1], CASES[7], CASES[11], CASES[13]], ids=case_id)
 def test_threads_bitwise_identical(c):
     """Every output element has one owner and a fixed summation order, so 1 and 2 threads agree
     bit for bit (and so does every ISA with itself)."""
@@ -280,7 +281,7 @@ def test_sq_zero_and_dead_rows():
 
 def test_funnel_varlen():
     rng = np.random.default_rng(11)
-    lens_q, lens_k = [37, 1, 80, 0], [50, 9, 70, 5]
+    lens_q, lens_k = [37, 1, 80, 0, 6], [50, 9, 70, 5, 0]
     h, hk, d = 4, 2, 24
     cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int64)
     cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int64)
@@ -293,6 +294,9 @@ def test_funnel_varlen():
     assert np.all(dq[cu_q[-1]:] == 0)
     for i in range(len(lens_q)):
         qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        if lens_k[i] == 0:
+            assert np.all(dq[qs] == 0)
+            continue
         ref = naive(q[None, qs], k[None, ks], v[None, ks], dout[None, qs], scale=d ** -0.5, causal=True)
         for g, r in zip((dq[qs], dk[ks], dv[ks]), ref[1:4]):
             np.testing.assert_allclose(g, r[0], atol=2e-5, rtol=1e-4)
@@ -397,3 +401,26 @@ def test_dropout_replay_matters():
     other = fa.flash_attn_bwd(dout, q, k, v, out, lse, dropout_p=c[-1], rng_state=np.array([99, 0]))
     assert not np.allclose(other[2], grads[2])
     assert math.isfinite(float(np.abs(other[0]).max()))
+
+
+@pytest.mark.parametrize("form", ["lse", "rowmax"])
+def test_funnel_invalid_line_zero(form):
+    """NPU invalid-line mode: a row masked entirely gives output 0, so it must give no gradient
+    (in either statistics form), unlike the averaging of test_funnel_npu_form_pse_mask_sink."""
+    rng = np.random.default_rng(14)
+    b, sq, sk, h, d = 1, 20, 30, 2, 8
+    q, k, v = (randn(rng, (b, s, h, d), np.float64) for s in (sq, sk, sk))
+    dout = randn(rng, (b, sq, h, d), np.float64)
+    mask = rng.random((b, h, sq, sk)) < 0.3
+    mask[0, :, 3] = True
+    fill = -float(np.finfo(np.float32).max)
+    kw = dict(scale=0.4, mask=mask.view(np.uint8), mask_fill=fill, invalid_line_zero=True)
+    rowmax, rowsum = np.empty((b, h, sq)), np.empty((b, h, sq))
+    out, lse, _ = _core.forward(q, k, v, out_shape=q.shape, lse_shape=(b, h, sq), rowmax=rowmax,
+                                rowsum=rowsum, **kw)
+    stats = dict(lse=lse) if form == "lse" else dict(rowmax=rowmax, rowsum=rowsum)
+    dq, dk, dv, _ = _core.backward(dout, q, k, v, out, **stats, **kw)
+    ref = naive(q, k, v, dout, scale=0.4, mask=mask, mask_fill=-np.inf)  # -inf: the row is empty
+    assert np.all(out[0, 3] == 0) and np.all(dq[0, 3] == 0)
+    for g, r in zip((out, dq, dk, dv), ref):
+        np.testing.assert_allclose(g, r, atol=1e-12)
