@@ -13,14 +13,16 @@ from our own counter-based generator (Philox-4x32-10 keyed by (seed, offset, bat
 head, row, col)), P is not rounded to fp16/bf16 before P.V (more accurate), and head dims are
 limited to 512.
 """
+from types import SimpleNamespace
+
 import numpy as np
 
 from . import _rng
 from . import _validate as V
 from ._core import forward
+from ._npu_args import INT32_MAX, check_rank, int_list, kernel_view, qkv_arrays
 from ._runtime import empty
 
-INT32_MAX = 2147483647
 # torch_npu fills masked scores with -FLT_MAX (not -inf): a fully masked row then averages V
 # instead of producing NaN, and the "invalid line" rows are recognised by a max of -FLT_MAX.
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -35,39 +37,7 @@ _MAX_HEAD_DIM = 512              # the kernel's limit (the NPU allows 768)
 _TOCKEN_CLAMP = 1 << 62
 
 
-class _Geometry:
-    """Sizes of one call and the kernel-order views of query/key/value."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
 # ---- layouts ------------------------------------------------------------------------------------
-
-def _split_heads(a, n):
-    """(..., H) -> (..., n, H // n) as a view: splitting one axis never needs a copy."""
-    return np.reshape(a, a.shape[:-1] + (n, a.shape[-1] // n), copy=False)
-
-
-def _kernel_view(a, layout, n=None):
-    """An operand in a layout's order as the kernel's (b, s, n, d) view (TND: (t, n, d) as is);
-    n splits the hidden dim of BSH/SBH (already split 4-D arrays pass n=None)."""
-    if layout in ("BSH", "SBH"):
-        a = a if n is None else _split_heads(a, n)
-        return a.transpose(1, 0, 2, 3) if layout == "SBH" else a
-    if layout == "BNSD":
-        return a.transpose(0, 2, 1, 3)
-    return a
-
-
-def _rank(a, name, layout):
-    nd = 3 if layout in ("BSH", "SBH", "TND") else 4
-    dims = {"BSH": "(B, S, H)", "SBH": "(S, B, H)", "TND": "(T, N, D)", "BSND": "(B, S, N, D)",
-            "BNSD": "(B, N, S, D)"}[layout]
-    if a.ndim != nd:
-        raise ValueError(f"{name}: input_layout {layout} expects {nd} dims {dims}, got shape "
-                         f"{tuple(a.shape)}")
-
 
 def _hidden_split(q, k, v, head_num):
     """BSH/SBH: head dims from hidden sizes (D = Hq / head_num, Nkv = Hk / D, Dv = Hv / Nkv)."""
@@ -95,14 +65,9 @@ def _geometry(query, key, value, head_num, input_layout):
     head_num = V.to_int(head_num, "head_num")
     if head_num <= 0:
         raise ValueError(f"head_num: expected a positive integer, got {head_num}")
-    q = V.as_array(query, "query")
-    k = V.as_array(key, "key")
-    v = V.as_array(value, "value")
-    V.check_float_dtype(q, "query")
-    V.check_same_dtype(k, "key", q, "query")
-    V.check_same_dtype(v, "value", q, "query")
+    q, k, v = qkv_arrays(query, key, value)
     for a, name in ((q, "query"), (k, "key"), (v, "value")):
-        _rank(a, name, layout)
+        check_rank(a, name, layout)
     # Only a strided last dim is copied (API.md section 1); for BSH/SBH that dim is H.
     q, k, v = (V.last_dim_contiguous(a) for a in (q, k, v))
 
@@ -110,7 +75,7 @@ def _geometry(query, key, value, head_num, input_layout):
     if layout in ("BSH", "SBH"):
         _, nkv, _ = _hidden_split(q, k, v, head_num)
         heads = (head_num, nkv, nkv)
-    q4, k4, v4 = (_kernel_view(a, layout, n) for a, n in zip((q, k, v), heads))
+    q4, k4, v4 = (kernel_view(a, layout, n) for a, n in zip((q, k, v), heads))
     nq, d = q4.shape[-2], q4.shape[-1]
     nkv, dk, dv = k4.shape[-2], k4.shape[-1], v4.shape[-1]
     if layout not in ("BSH", "SBH") and nq != head_num:
@@ -133,8 +98,9 @@ def _geometry(query, key, value, head_num, input_layout):
     if layout == "TND":
         if k4.shape[0] != v4.shape[0]:
             raise ValueError(f"value: {v4.shape[0]} tokens differ from the {k4.shape[0]} tokens of key")
-        return _Geometry(layout=layout, tnd=True, b=None, sq=None, sk=None, tq=q4.shape[0],
-                         tk=k4.shape[0], h=nq, hk=nkv, d=d, dv=dv, q=q4, k=k4, v=v4)
+        return SimpleNamespace(layout=layout, tnd=True, b=None, sq=None, sk=None,
+                               tq=q4.shape[0], tk=k4.shape[0], h=nq, hk=nkv, d=d, dv=dv, q=q4,
+                               k=k4, v=v4)
     b, sq = q4.shape[0], q4.shape[1]
     if k4.shape[0] != b or v4.shape[0] != b:
         raise ValueError(f"key/value: batch sizes {k4.shape[0]}/{v4.shape[0]} differ from the query "
@@ -145,21 +111,14 @@ def _geometry(query, key, value, head_num, input_layout):
     for n, name in ((b, "batch"), (sq, "query sequence length"), (sk, "key sequence length")):
         if n < 1:
             raise ValueError(f"query/key: {name} must be at least 1, got {n}")
-    return _Geometry(layout=layout, tnd=False, b=b, sq=sq, sk=sk, h=nq, hk=nkv, d=d, dv=dv,
-                     q=q4, k=k4, v=v4)
+    return SimpleNamespace(layout=layout, tnd=False, b=b, sq=sq, sk=sk, h=nq, hk=nkv, d=d,
+                           dv=dv, q=q4, k=k4, v=v4)
 
 
 # ---- TND sequence lists -------------------------------------------------------------------------
 
 def _seq_list(x, name):
-    a = V.as_array(x, name)
-    if a.ndim != 1 or a.shape[0] == 0:
-        raise ValueError(f"{name}: expected a non-empty 1-D list, got shape {tuple(a.shape)}")
-    if a.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected a list of integers, got dtype {a.dtype}")
-    a = a.astype(np.int64)
-    if a.min() < 0:
-        raise ValueError(f"{name}: entries must be >= 0, got {a.tolist()}")
+    a = int_list(x, name)
     # Cumulative ends without a leading 0. Trailing zeros disable trailing batches (the NPU clamps
     # each length at 0); any other decrease is rejected because the rows it implies overlap.
     nz = np.flatnonzero(a)
@@ -527,7 +486,7 @@ def _layout_array(g, rows, n, dtype, zeroed=False):
     shape = {"TND": (rows, n, g.d), "BNSD": (g.b, n, rows, g.d),
              "SBH": (rows, g.b, n, g.d)}.get(g.layout, (g.b, rows, n, g.d))
     a = np.zeros(shape, dtype) if zeroed else empty(shape, dtype)
-    return a, _kernel_view(a, g.layout)
+    return a, kernel_view(a, g.layout)
 
 
 def _finish(a, g, n, d):

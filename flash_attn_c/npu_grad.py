@@ -28,11 +28,10 @@ import numpy as np
 from . import _validate as V
 from ._core import backward
 from ._runtime import empty
+from ._npu_args import INT32_MAX, kernel_view
 from .npu import (
-    INT32_MAX,
     _ALIBI_ROWS,
     _finish,
-    _kernel_view,
     _layout_array,
     _ntd_block,
     _pad_head_dim,
@@ -62,7 +61,7 @@ def _query_like(x, name, g):
     if tuple(a.shape) != want:
         raise ValueError(f"{name}: expected shape {list(want)} (the attention output of input_layout "
                          f"{g.layout}), got {list(a.shape)}")
-    return _kernel_view(V.last_dim_contiguous(a), g.layout, g.h)
+    return kernel_view(V.last_dim_contiguous(a), g.layout, g.h)
 
 
 # ---- softmax statistics -------------------------------------------------------------------------
@@ -257,7 +256,7 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
         if softmax_max is None:
             smax, ssum = fwd[1], fwd[2]
         if attention_in is None:
-            o4 = _kernel_view(fwd[0], g.layout, g.h)
+            o4 = kernel_view(fwd[0], g.layout, g.h)
 
     acc = np.float64 if g.q.dtype == np.float64 else np.float32
     rmax, rsum = _stats(smax, ssum, g, o, acc)
