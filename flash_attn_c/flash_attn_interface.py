@@ -75,6 +75,16 @@ def _run_fixed(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     return out, lse, s_dmask, _rng.as_rng_state(seed, offset)
 
 
+def _unpack(packed, name, nd, count, dims):
+    """The `count` tensors of a packed qkv/kv array (packing axis third from the end) as views."""
+    a = V.as_array(packed, name)
+    V.check_ndim(a, name, nd, dims)
+    if a.shape[nd - 3] != count:
+        raise ValueError(f"{name}: expected size {count} in dim {nd - 3}, got shape "
+                         f"{tuple(a.shape)}")
+    return tuple(a[..., i, :, :] for i in range(count))
+
+
 def _result(out, lse, s_dmask, return_attn_probs):
     return (out, lse, s_dmask) if return_attn_probs else out
 
@@ -99,25 +109,18 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                               deterministic=False, return_attn_probs=False):
     """flash_attn_func on qkv of shape (batch, seqlen, 3, nheads, headdim) (views, no copies)."""
-    qkv = V.as_array(qkv, "qkv")
-    V.check_ndim(qkv, "qkv", 5, "(batch, seqlen, 3, nheads, headdim)")
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv: expected size 3 in dim 2, got shape {tuple(qkv.shape)}")
-    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale,
-                           causal, window_size, softcap, alibi_slopes, deterministic,
-                           return_attn_probs)
+    q, k, v = _unpack(qkv, "qkv", 5, 3, "(batch, seqlen, 3, nheads, headdim)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                              deterministic=False, return_attn_probs=False):
     """flash_attn_func on kv of shape (batch, seqlen_k, 2, nheads_k, headdim) (views, no copies)."""
-    kv = V.as_array(kv, "kv")
-    V.check_ndim(kv, "kv", 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
-    if kv.shape[2] != 2:
-        raise ValueError(f"kv: expected size 2 in dim 2, got shape {tuple(kv.shape)}")
-    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal,
-                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+    k, v = _unpack(kv, "kv", 5, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_fwd(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -146,6 +149,14 @@ def _cu_seqlens(cu, name, rows):
     if cu[-1] > rows:
         raise ValueError(f"{name}: last entry {cu[-1]} exceeds the {rows} rows of the packed tensor")
     return cu
+
+
+def _cu_seqlens_k(cu_seqlens_k, rows, b):
+    """cu_seqlens_k of a non-paged call: as cu_seqlens_q, with the same batch."""
+    cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", rows)
+    if cu_k.shape[0] != b + 1:
+        raise ValueError(f"cu_seqlens_k: expected {b + 1} entries (as cu_seqlens_q), got {cu_k.shape[0]}")
+    return cu_k
 
 
 def _max_seqlen(m, name, cu):
@@ -183,9 +194,7 @@ def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              f"{capacity} (max_num_blocks_per_seq * page_block_size)")
         extra = dict(block_table=bt.reshape(bt_arr.shape), seqlen_k=np.ascontiguousarray(np.diff(cu_k)))
     else:
-        cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
-        if cu_k.shape[0] != b + 1:
-            raise ValueError(f"cu_seqlens_k: expected {b + 1} entries (as cu_seqlens_q), got {cu_k.shape[0]}")
+        cu_k = _cu_seqlens_k(cu_seqlens_k, k.shape[0], b)
         extra = dict(cu_k=cu_k)
     max_sq = _max_seqlen(max_seqlen_q, "max_seqlen_q", cu_q)
     max_sk = _max_seqlen(max_seqlen_k, "max_seqlen_k", cu_k)
@@ -224,14 +233,10 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
     """flash_attn_varlen_func on qkv of shape (total, 3, nheads, headdim) (views, no copies)."""
-    qkv = V.as_array(qkv, "qkv")
-    V.check_ndim(qkv, "qkv", 4, "(total, 3, nheads, headdim)")
-    if qkv.shape[1] != 3:
-        raise ValueError(f"qkv: expected size 3 in dim 1, got shape {tuple(qkv.shape)}")
-    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens,
-                                  max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
-                                  window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs)
+    q, k, v = _unpack(qkv, "qkv", 4, 3, "(total, 3, nheads, headdim)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -239,13 +244,10 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                     deterministic=False, return_attn_probs=False):
     """flash_attn_varlen_func on kv of shape (total_k, 2, nheads_k, headdim) (views, no copies)."""
-    kv = V.as_array(kv, "kv")
-    V.check_ndim(kv, "kv", 4, "(total_k, 2, nheads_k, headdim)")
-    if kv.shape[1] != 2:
-        raise ValueError(f"kv: expected size 2 in dim 1, got shape {tuple(kv.shape)}")
-    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
-                                  softcap, alibi_slopes, deterministic, return_attn_probs)
+    k, v = _unpack(kv, "kv", 4, 2, "(total_k, 2, nheads_k, headdim)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -334,9 +336,7 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seql
     total_q, h, d = q.shape
     cu_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q)
     b = cu_q.shape[0] - 1
-    cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
-    if cu_k.shape[0] != b + 1:
-        raise ValueError(f"cu_seqlens_k: expected {b + 1} entries (as cu_seqlens_q), got {cu_k.shape[0]}")
+    cu_k = _cu_seqlens_k(cu_seqlens_k, k.shape[0], b)
     _max_seqlen(max_seqlen_q, "max_seqlen_q", cu_q)
     max_sk = _max_seqlen(max_seqlen_k, "max_seqlen_k", cu_k)
     dout, out = _check_grad_inputs(dout, out, q)
