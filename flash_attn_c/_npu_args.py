@@ -1,7 +1,8 @@
 """Argument helpers shared by the torch_npu front-ends (npu, npu_grad, npu_infer).
 
 Only validation and views: q/k/v as arrays of one float dtype, a layout's rank check, the
-hidden-dim head split, layouts as the kernel's stride views, and host integer lists. Each front-end keeps its own rules on top.
+hidden-dim head split, layouts as the kernel's stride views, and host integer lists. Each
+front-end keeps its own rules on top.
 """
 import numpy as np
 
@@ -9,8 +10,8 @@ from . import _validate as V
 
 INT32_MAX = 2147483647  # torch_npu's "unbounded" default for the band sides
 
-LAYOUT_DIMS = {"BSH": "(B, S, H)", "SBH": "(S, B, H)", "BSND": "(B, S, N, D)", "BNSD": "(B, N, S, D)",
-         "TND": "(T, N, D)", "NTD": "(N, T, D)"}
+LAYOUT_DIMS = {"BSH": "(B, S, H)", "SBH": "(S, B, H)", "BSND": "(B, S, N, D)",
+               "BNSD": "(B, N, S, D)", "TND": "(T, N, D)", "NTD": "(N, T, D)"}
 
 
 def qkv_arrays(query, key, value):
@@ -28,8 +29,8 @@ def check_rank(a, name, layout):
     """a has the rank of the layout: 3 for BSH/SBH/TND/NTD, 4 for BSND/BNSD."""
     nd = 3 if layout in ("BSH", "SBH", "TND", "NTD") else 4
     if a.ndim != nd:
-        raise ValueError(f"{name}: input_layout {layout} expects {nd} dims {LAYOUT_DIMS[layout]}, got "
-                         f"shape {tuple(a.shape)}")
+        raise ValueError(f"{name}: input_layout {layout} expects {nd} dims "
+                         f"{LAYOUT_DIMS[layout]}, got shape {tuple(a.shape)}")
 
 
 def split_heads(a, n):

@@ -43,18 +43,28 @@ def _check_kv_shapes(q, k, v, *, varlen, paged=False):
         raise ValueError(f"q: batch size must be positive, got {q.shape[0]}")
 
 
-def _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
-             return_attn_probs, causal):
+def _options(d, b, h, sk_bound, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+             deterministic, return_attn_probs, causal):
+    """The validated options; left/right: the kernel's band for keys bounded by sk_bound (the key
+    length or max_seqlen_k)."""
     V.to_bool(causal, "causal")
     V.to_bool(deterministic, "deterministic")
     V.to_bool(return_attn_probs, "return_attn_probs")
-    return dict(
+    o = dict(
         dropout_p=V.dropout(dropout_p),
         scale=V.softmax_scale(softmax_scale, d),
         window=V.int_pair(window_size, "window_size"),
         softcap=V.softcap_value(softcap),
         alibi=V.alibi(alibi_slopes, b, h),
     )
+    o["left"], o["right"] = flash_window(o["window"], bool(causal), sk_bound)
+    return o
+
+
+def _kernel_options(o, seed, offset):
+    """The keywords every forward/backward kernel call takes from the options."""
+    return dict(scale=o["scale"], softcap=o["softcap"], left=o["left"], right=o["right"],
+                alibi=o["alibi"], dropout_p=o["dropout_p"], seed=seed, offset=offset)
 
 
 def _run_fixed(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -63,15 +73,14 @@ def _run_fixed(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     _check_kv_shapes(q, k, v, varlen=False)
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+    o = _options(d, b, h, sk, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                  deterministic, return_softmax, causal)
     seed, offset = _rng.resolve(seed) if (o["dropout_p"] > 0 or seed is not None) else (0, 0)
-    left, right = flash_window(o["window"], bool(causal), sk)
     q, k, v = (V.last_dim_contiguous(x) for x in (q, k, v))
     out, lse, s_dmask = forward(
-        q, k, v, scale=o["scale"], out_shape=q.shape, lse_shape=(b, h, sq), softcap=o["softcap"],
-        left=left, right=right, alibi=o["alibi"], dropout_p=o["dropout_p"], seed=seed,
-        offset=offset, s_dmask_shape=(b, h, sq, sk) if return_softmax else None)
+        q, k, v, out_shape=q.shape, lse_shape=(b, h, sq),
+        s_dmask_shape=(b, h, sq, sk) if return_softmax else None,
+        **_kernel_options(o, seed, offset))
     return out, lse, s_dmask, _rng.as_rng_state(seed, offset)
 
 
@@ -198,16 +207,14 @@ def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         extra = dict(cu_k=cu_k)
     max_sq = _max_seqlen(max_seqlen_q, "max_seqlen_q", cu_q)
     max_sk = _max_seqlen(max_seqlen_k, "max_seqlen_k", cu_k)
-    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+    o = _options(d, b, h, max_sk, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                  deterministic, return_softmax, causal)
     seed, offset = _rng.resolve(seed) if (o["dropout_p"] > 0 or seed is not None) else (0, 0)
-    left, right = flash_window(o["window"], bool(causal), max_sk)
     q, k, v = (V.last_dim_contiguous(x) for x in (q, k, v))
     out, lse, s_dmask = forward(
-        q, k, v, scale=o["scale"], out_shape=q.shape, lse_shape=(h, total_q), varlen=True,
-        softcap=o["softcap"], left=left, right=right, alibi=o["alibi"], dropout_p=o["dropout_p"],
-        seed=seed, offset=offset, s_dmask_shape=(b, h, max_sq, max_sk) if return_softmax else None,
-        cu_q=cu_q, **extra)
+        q, k, v, out_shape=q.shape, lse_shape=(h, total_q), varlen=True,
+        s_dmask_shape=(b, h, max_sq, max_sk) if return_softmax else None, cu_q=cu_q, **extra,
+        **_kernel_options(o, seed, offset))
     return out, lse, s_dmask, _rng.as_rng_state(seed, offset)
 
 
@@ -309,14 +316,11 @@ def flash_attn_bwd(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_scale
     sk = k.shape[1]
     dout, out = _check_grad_inputs(dout, out, q)
     lse = _check_lse(softmax_lse, q, (b, h, sq))
-    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+    o = _options(d, b, h, sk, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                  deterministic, False, causal)
     seed, offset = _replay_state(o["dropout_p"], rng_state)
-    left, right = flash_window(o["window"], bool(causal), sk)
     dout, q, k, v, out = (V.last_dim_contiguous(x) for x in (dout, q, k, v, out))
-    dq, dk, dv, _ = backward(dout, q, k, v, out, scale=o["scale"], lse=lse, softcap=o["softcap"],
-                             left=left, right=right, alibi=o["alibi"], dropout_p=o["dropout_p"],
-                             seed=seed, offset=offset)
+    dq, dk, dv, _ = backward(dout, q, k, v, out, lse=lse, **_kernel_options(o, seed, offset))
     return dq, dk, dv
 
 
@@ -341,13 +345,10 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seql
     max_sk = _max_seqlen(max_seqlen_k, "max_seqlen_k", cu_k)
     dout, out = _check_grad_inputs(dout, out, q)
     lse = _check_lse(softmax_lse, q, (h, total_q), "(nheads, total_q)")
-    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+    o = _options(d, b, h, max_sk, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                  deterministic, False, causal)
     seed, offset = _replay_state(o["dropout_p"], rng_state)
-    left, right = flash_window(o["window"], bool(causal), max_sk)
     dout, q, k, v, out = (V.last_dim_contiguous(x) for x in (dout, q, k, v, out))
-    dq, dk, dv, _ = backward(dout, q, k, v, out, scale=o["scale"], lse=lse, varlen=True,
-                             softcap=o["softcap"], left=left, right=right, alibi=o["alibi"],
-                             dropout_p=o["dropout_p"], seed=seed, offset=offset, cu_q=cu_q,
-                             cu_k=cu_k)
+    dq, dk, dv, _ = backward(dout, q, k, v, out, lse=lse, varlen=True, cu_q=cu_q, cu_k=cu_k,
+                             **_kernel_options(o, seed, offset))
     return dq, dk, dv

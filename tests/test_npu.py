@@ -654,6 +654,16 @@ def _ref_pair(*args, **kw):
     return exact, low
 
 
+def _check_against_reference(args, kw):
+    """Output, softmax_max, softmax_sum and numels of ours against the reference's."""
+    got = npu_fusion_attention(*args, **kw)
+    exact, low = _ref_pair(*args, **kw)
+    testing.assert_attention_close(got[0], exact[0], reference_low_precision=low[0])
+    np.testing.assert_allclose(got[1], exact[1], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got[2], exact[2], rtol=2e-5, atol=2e-5)
+    assert got[6] == exact[6]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", range(len(CASES)))
@@ -674,12 +684,7 @@ def test_fixed_against_reference(case, layout, dtype):
     args = tuple(to_layout(x, layout) for x in (q, k, v)) + (n, layout)
     kw = dict(atten_mask=marg, scale=d ** -0.5, pre_tockens=pre, next_tockens=nxt,
               sparse_mode=mode, prefix=prefix, pse=pse)
-    got = npu_fusion_attention(*args, **kw)
-    exact, low = _ref_pair(*args, **kw)
-    testing.assert_attention_close(got[0], exact[0], reference_low_precision=low[0])
-    np.testing.assert_allclose(got[1], exact[1], rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(got[2], exact[2], rtol=2e-5, atol=2e-5)
-    assert got[6] == exact[6]
+    _check_against_reference(args, kw)
 
 
 @pytest.mark.parametrize("softmax_layout", ["", "TND"])
@@ -704,12 +709,7 @@ def test_tnd_against_reference(case, softmax_layout):
     kw = dict(atten_mask=marg, scale=0.35, pre_tockens=pre, next_tockens=nxt, sparse_mode=mode,
               prefix=prefix, actual_seq_qlen=cq[1:].tolist(), actual_seq_kvlen=ck[1:].tolist(),
               softmax_layout=softmax_layout, sink=sink)
-    got = npu_fusion_attention(*args, **kw)
-    exact, low = _ref_pair(*args, **kw)
-    testing.assert_attention_close(got[0], exact[0], reference_low_precision=low[0])
-    np.testing.assert_allclose(got[1], exact[1], rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(got[2], exact[2], rtol=2e-5, atol=2e-5)
-    assert got[6] == exact[6]
+    _check_against_reference(args, kw)
 
 
 @pytest.mark.parametrize("nkv", [3, 1])
