@@ -712,6 +712,36 @@ def test_tnd_against_reference(case, softmax_layout):
     _check_against_reference(args, kw)
 
 
+ROWS_WITHOUT_KEYS = [  # (sparse_mode, sq, sk, extra arguments): rows with nothing to attend to
+    (0, 9, 12, dict(pre_tockens=2, next_tockens=1)),   # row 4: band keys all masked
+    (0, 12, 9, dict(pre_tockens=2, next_tockens=1)),   # pre < Sq - Skv: automatic invalid lines
+    (3, 12, 9, dict()),                                # right-down causal, Sq > Skv: empty rows
+    (5, 12, 9, dict(prefix=[0, 4])),                   # batch 0: empty rows, row 4 all masked
+    (6, 12, 9, dict(prefix=[0, 4])),                   # batch 0: empty rows
+]
+
+
+@pytest.mark.parametrize("inner_precise", [0, 2])
+@pytest.mark.parametrize("with_sink", [False, True])
+@pytest.mark.parametrize("case", range(len(ROWS_WITHOUT_KEYS)))
+def test_rows_without_keys_against_reference(case, with_sink, inner_precise):
+    """Band keys all masked: V averaged over the band (0 in invalid-line mode); no band key: 0.
+    Statistics -FLT_MAX / band size / FLT_MAX, or the sink's own (sink, 1)."""
+    mode, sq, sk, extra = ROWS_WITHOUT_KEYS[case]
+    rng = np.random.default_rng(650 + case)
+    q, k, v = qkv(rng, (2, sq, 2, 8), (2, sk, 2, 8), np.float32)
+    if mode in (0, 5):
+        mask = rng.random((2, 1, sq, sk)) < 0.2
+        mask[:, :, 4] = True
+    else:
+        mask = np.triu(np.ones((2048, 2048), bool), 1) if mode == 3 else \
+            np.zeros((3072, 2048), bool)
+    sink = rng.standard_normal(2).astype(np.float32) if with_sink else None
+    _check_against_reference((q, k, v, 2, "BSND"), dict(
+        atten_mask=mask, scale=0.4, sparse_mode=mode, sink=sink, inner_precise=inner_precise,
+        **extra))
+
+
 @pytest.mark.parametrize("nkv", [3, 1])
 def test_dropout_against_reference(nkv):
     """The keep mask is recovered from flash_attn_func's S_dmask under the same (seed, offset):

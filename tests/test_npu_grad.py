@@ -238,6 +238,27 @@ def test_sink():
     run_grad(q, k, v, 4, "BSND", rng=rng, sink=sink, scale=0.5, atten_mask=TRIU, sparse_mode=2)
 
 
+@pytest.mark.parametrize("inner_precise", [0, 2])
+@pytest.mark.parametrize("with_sink", [False, True])
+@pytest.mark.parametrize("mode", [0, 5, 6])
+def test_rows_without_keys(mode, with_sink, inner_precise):
+    """Rows whose band keys are all masked (mode 0/5: gradient to V only, or none in invalid-line
+    mode) and rows whose band is empty (prefix 0 with Sq > Skv: no gradient), with and without a
+    sink, against the reference grad."""
+    rng = np.random.default_rng(540 + mode)
+    q = randn(rng, (2, 12, 2, 8), np.float32)
+    k, v = (randn(rng, (2, 9, 2, 8), np.float32) for _ in range(2))
+    kw = dict(pre_tockens=3, next_tockens=2) if mode == 0 else dict(prefix=[0, 4])
+    if mode == 6:
+        mask = PREFIX_MASK
+    else:
+        mask = rng.random((2, 1, 12, 9)) < 0.2
+        mask[:, :, 5] = True
+    sink = rng.standard_normal(2).astype(np.float32) if with_sink else None
+    run_grad(q, k, v, 2, "BSND", rng=rng, atten_mask=mask, sparse_mode=mode, sink=sink,
+             inner_precise=inner_precise, scale=0.4, **kw)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_noncontiguous_every_isa(isa):
     rng = np.random.default_rng(530)
