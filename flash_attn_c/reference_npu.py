@@ -631,8 +631,9 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
             sums.append(np.zeros((prob.n, 0)))
             continue
         qb, kb, vb = prob.q_block(prob.q, b), prob.kv_block(prob.k, b), prob.kv_block(prob.v, b)
-        o, m, t = _forward_batch(qb, kb, vb, masking.band(b), masking.visible(b), bias.values(b), float(scale),
-                                 sinks, None if keeps is None else keeps[b], keep_prob,
+        o, m, t = _forward_batch(qb, kb, vb, masking.band(b), masking.visible(b),
+                                 bias.values(b), float(scale), sinks,
+                                 None if keeps is None else keeps[b], keep_prob,
                                  masking.invalid_line, prec)
         prob.put(out, b, o)
         maxes.append(m)
