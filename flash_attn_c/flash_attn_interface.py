@@ -43,18 +43,28 @@ def _check_kv_shapes(q, k, v, *, varlen, paged=False):
         raise ValueError(f"q: batch size must be positive, got {q.shape[0]}")
 
 
-def _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic,
-             return_attn_probs, causal):
+def _options(d, b, h, sk_bound, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+             deterministic, return_attn_probs, causal):
+    """The validated options; left/right: the kernel's band for keys bounded by sk_bound (the key
+    length or max_seqlen_k)."""
     V.to_bool(causal, "causal")
     V.to_bool(deterministic, "deterministic")
     V.to_bool(return_attn_probs, "return_attn_probs")
-    return dict(
+    o = dict(
         dropout_p=V.dropout(dropout_p),
         scale=V.softmax_scale(softmax_scale, d),
         window=V.int_pair(window_size, "window_size"),
         softcap=V.softcap_value(softcap),
         alibi=V.alibi(alibi_slopes, b, h),
     )
+    o["left"], o["right"] = flash_window(o["window"], bool(causal), sk_bound)
+    return o
+
+
+def _kernel_options(o, seed, offset):
+    """The keywords every forward/backward kernel call takes from the options."""
+    return dict(scale=o["scale"], softcap=o["softcap"], left=o["left"], right=o["right"],
+                alibi=o["alibi"], dropout_p=o["dropout_p"], seed=seed, offset=offset)
 
 
 def _run_fixed(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -63,16 +73,25 @@ def _run_fixed(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     _check_kv_shapes(q, k, v, varlen=False)
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+    o = _options(d, b, h, sk, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                  deterministic, return_softmax, causal)
     seed, offset = _rng.resolve(seed) if (o["dropout_p"] > 0 or seed is not None) else (0, 0)
-    left, right = flash_window(o["window"], bool(causal), sk)
     q, k, v = (V.last_dim_contiguous(x) for x in (q, k, v))
     out, lse, s_dmask = forward(
-        q, k, v, scale=o["scale"], out_shape=q.shape, lse_shape=(b, h, sq), softcap=o["softcap"],
-        left=left, right=right, alibi=o["alibi"], dropout_p=o["dropout_p"], seed=seed,
-        offset=offset, s_dmask_shape=(b, h, sq, sk) if return_softmax else None)
+        q, k, v, out_shape=q.shape, lse_shape=(b, h, sq),
+        s_dmask_shape=(b, h, sq, sk) if return_softmax else None,
+        **_kernel_options(o, seed, offset))
     return out, lse, s_dmask, _rng.as_rng_state(seed, offset)
+
+
+def _unpack(packed, name, nd, count, dims):
+    """The `count` tensors of a packed qkv/kv array (packing axis third from the end) as views."""
+    a = V.as_array(packed, name)
+    V.check_ndim(a, name, nd, dims)
+    if a.shape[nd - 3] != count:
+        raise ValueError(f"{name}: expected size {count} in dim {nd - 3}, got shape "
+                         f"{tuple(a.shape)}")
+    return tuple(a[..., i, :, :] for i in range(count))
 
 
 def _result(out, lse, s_dmask, return_attn_probs):
@@ -99,25 +118,18 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                               deterministic=False, return_attn_probs=False):
     """flash_attn_func on qkv of shape (batch, seqlen, 3, nheads, headdim) (views, no copies)."""
-    qkv = V.as_array(qkv, "qkv")
-    V.check_ndim(qkv, "qkv", 5, "(batch, seqlen, 3, nheads, headdim)")
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv: expected size 3 in dim 2, got shape {tuple(qkv.shape)}")
-    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale,
-                           causal, window_size, softcap, alibi_slopes, deterministic,
-                           return_attn_probs)
+    q, k, v = _unpack(qkv, "qkv", 5, 3, "(batch, seqlen, 3, nheads, headdim)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                              deterministic=False, return_attn_probs=False):
     """flash_attn_func on kv of shape (batch, seqlen_k, 2, nheads_k, headdim) (views, no copies)."""
-    kv = V.as_array(kv, "kv")
-    V.check_ndim(kv, "kv", 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
-    if kv.shape[2] != 2:
-        raise ValueError(f"kv: expected size 2 in dim 2, got shape {tuple(kv.shape)}")
-    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal,
-                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+    k, v = _unpack(kv, "kv", 5, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_fwd(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -146,6 +158,14 @@ def _cu_seqlens(cu, name, rows):
     if cu[-1] > rows:
         raise ValueError(f"{name}: last entry {cu[-1]} exceeds the {rows} rows of the packed tensor")
     return cu
+
+
+def _cu_seqlens_k(cu_seqlens_k, rows, b):
+    """cu_seqlens_k of a non-paged call: as cu_seqlens_q, with the same batch."""
+    cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", rows)
+    if cu_k.shape[0] != b + 1:
+        raise ValueError(f"cu_seqlens_k: expected {b + 1} entries (as cu_seqlens_q), got {cu_k.shape[0]}")
+    return cu_k
 
 
 def _max_seqlen(m, name, cu):
@@ -183,22 +203,18 @@ def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              f"{capacity} (max_num_blocks_per_seq * page_block_size)")
         extra = dict(block_table=bt.reshape(bt_arr.shape), seqlen_k=np.ascontiguousarray(np.diff(cu_k)))
     else:
-        cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
-        if cu_k.shape[0] != b + 1:
-            raise ValueError(f"cu_seqlens_k: expected {b + 1} entries (as cu_seqlens_q), got {cu_k.shape[0]}")
+        cu_k = _cu_seqlens_k(cu_seqlens_k, k.shape[0], b)
         extra = dict(cu_k=cu_k)
     max_sq = _max_seqlen(max_seqlen_q, "max_seqlen_q", cu_q)
     max_sk = _max_seqlen(max_seqlen_k, "max_seqlen_k", cu_k)
-    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+    o = _options(d, b, h, max_sk, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                  deterministic, return_softmax, causal)
     seed, offset = _rng.resolve(seed) if (o["dropout_p"] > 0 or seed is not None) else (0, 0)
-    left, right = flash_window(o["window"], bool(causal), max_sk)
     q, k, v = (V.last_dim_contiguous(x) for x in (q, k, v))
     out, lse, s_dmask = forward(
-        q, k, v, scale=o["scale"], out_shape=q.shape, lse_shape=(h, total_q), varlen=True,
-        softcap=o["softcap"], left=left, right=right, alibi=o["alibi"], dropout_p=o["dropout_p"],
-        seed=seed, offset=offset, s_dmask_shape=(b, h, max_sq, max_sk) if return_softmax else None,
-        cu_q=cu_q, **extra)
+        q, k, v, out_shape=q.shape, lse_shape=(h, total_q), varlen=True,
+        s_dmask_shape=(b, h, max_sq, max_sk) if return_softmax else None, cu_q=cu_q, **extra,
+        **_kernel_options(o, seed, offset))
     return out, lse, s_dmask, _rng.as_rng_state(seed, offset)
 
 
@@ -224,14 +240,10 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
     """flash_attn_varlen_func on qkv of shape (total, 3, nheads, headdim) (views, no copies)."""
-    qkv = V.as_array(qkv, "qkv")
-    V.check_ndim(qkv, "qkv", 4, "(total, 3, nheads, headdim)")
-    if qkv.shape[1] != 3:
-        raise ValueError(f"qkv: expected size 3 in dim 1, got shape {tuple(qkv.shape)}")
-    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens,
-                                  max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
-                                  window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs)
+    q, k, v = _unpack(qkv, "qkv", 4, 3, "(total, 3, nheads, headdim)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -239,13 +251,10 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                     deterministic=False, return_attn_probs=False):
     """flash_attn_varlen_func on kv of shape (total_k, 2, nheads_k, headdim) (views, no copies)."""
-    kv = V.as_array(kv, "kv")
-    V.check_ndim(kv, "kv", 4, "(total_k, 2, nheads_k, headdim)")
-    if kv.shape[1] != 2:
-        raise ValueError(f"kv: expected size 2 in dim 1, got shape {tuple(kv.shape)}")
-    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
-                                  softcap, alibi_slopes, deterministic, return_attn_probs)
+    k, v = _unpack(kv, "kv", 4, 2, "(total_k, 2, nheads_k, headdim)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -307,14 +316,11 @@ def flash_attn_bwd(dout, q, k, v, out, softmax_lse, dropout_p=0.0, softmax_scale
     sk = k.shape[1]
     dout, out = _check_grad_inputs(dout, out, q)
     lse = _check_lse(softmax_lse, q, (b, h, sq))
-    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+    o = _options(d, b, h, sk, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                  deterministic, False, causal)
     seed, offset = _replay_state(o["dropout_p"], rng_state)
-    left, right = flash_window(o["window"], bool(causal), sk)
     dout, q, k, v, out = (V.last_dim_contiguous(x) for x in (dout, q, k, v, out))
-    dq, dk, dv, _ = backward(dout, q, k, v, out, scale=o["scale"], lse=lse, softcap=o["softcap"],
-                             left=left, right=right, alibi=o["alibi"], dropout_p=o["dropout_p"],
-                             seed=seed, offset=offset)
+    dq, dk, dv, _ = backward(dout, q, k, v, out, lse=lse, **_kernel_options(o, seed, offset))
     return dq, dk, dv
 
 
@@ -334,20 +340,15 @@ def flash_attn_varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seql
     total_q, h, d = q.shape
     cu_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total_q)
     b = cu_q.shape[0] - 1
-    cu_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0])
-    if cu_k.shape[0] != b + 1:
-        raise ValueError(f"cu_seqlens_k: expected {b + 1} entries (as cu_seqlens_q), got {cu_k.shape[0]}")
+    cu_k = _cu_seqlens_k(cu_seqlens_k, k.shape[0], b)
     _max_seqlen(max_seqlen_q, "max_seqlen_q", cu_q)
     max_sk = _max_seqlen(max_seqlen_k, "max_seqlen_k", cu_k)
     dout, out = _check_grad_inputs(dout, out, q)
     lse = _check_lse(softmax_lse, q, (h, total_q), "(nheads, total_q)")
-    o = _options(d, b, h, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+    o = _options(d, b, h, max_sk, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
                  deterministic, False, causal)
     seed, offset = _replay_state(o["dropout_p"], rng_state)
-    left, right = flash_window(o["window"], bool(causal), max_sk)
     dout, q, k, v, out = (V.last_dim_contiguous(x) for x in (dout, q, k, v, out))
-    dq, dk, dv, _ = backward(dout, q, k, v, out, scale=o["scale"], lse=lse, varlen=True,
-                             softcap=o["softcap"], left=left, right=right, alibi=o["alibi"],
-                             dropout_p=o["dropout_p"], seed=seed, offset=offset, cu_q=cu_q,
-                             cu_k=cu_k)
+    dq, dk, dv, _ = backward(dout, q, k, v, out, lse=lse, varlen=True, cu_q=cu_q, cu_k=cu_k,
+                             **_kernel_options(o, seed, offset))
     return dq, dk, dv

@@ -27,16 +27,22 @@ def _cache_seqlens(cache_seqlens, b, capacity):
     return arr
 
 
+def _companions(x, y, names, q, nd, dims):
+    """Two arrays given together (rotary cos/sin, new k/v) with q's dtype and nd dims."""
+    pair = tuple(V.as_array(a, name) for a, name in zip((x, y), names))
+    for a, name in zip(pair, names):
+        V.check_same_dtype(a, name, q)
+        V.check_ndim(a, name, nd, dims)
+    return pair
+
+
 def _rotary_tables(rotary_cos, rotary_sin, q, capacity, d):
     if rotary_cos is None and rotary_sin is None:
         return None, None
     if rotary_cos is None or rotary_sin is None:
         raise ValueError("rotary_cos/rotary_sin: give both or neither")
-    cos = V.as_array(rotary_cos, "rotary_cos")
-    sin = V.as_array(rotary_sin, "rotary_sin")
-    for a, name in ((cos, "rotary_cos"), (sin, "rotary_sin")):
-        V.check_same_dtype(a, name, q)
-        V.check_ndim(a, name, 2, "(seqlen_ro, rotary_dim / 2)")
+    cos, sin = _companions(rotary_cos, rotary_sin, ("rotary_cos", "rotary_sin"), q, 2,
+                           "(seqlen_ro, rotary_dim / 2)")
     if sin.shape != cos.shape:
         raise ValueError(f"rotary_sin: expected the shape of rotary_cos {cos.shape}, got {sin.shape}")
     rot = 2 * cos.shape[1]
@@ -130,11 +136,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError("k/v: If key is supplied, value must also be passed in (give both)")
         if seqlens is None:
             raise ValueError("cache_seqlens: If key is supplied, seqlens_k must also be passed in")
-        k = V.as_array(k, "k")
-        v = V.as_array(v, "v")
-        for a, name in ((k, "k"), (v, "v")):
-            V.check_same_dtype(a, name, q)
-            V.check_ndim(a, name, 4, "(batch, seqlen_new, nheads_k, headdim)")
+        k, v = _companions(k, v, ("k", "v"), q, 4, "(batch, seqlen_new, nheads_k, headdim)")
         if k.shape != v.shape or k.shape[0] != b or k.shape[2] != hk or k.shape[3] != d:
             raise ValueError(f"k/v: expected shape ({b}, seqlen_new, {hk}, {d}), got {k.shape} and {v.shape}")
         s_new = k.shape[1]

@@ -13,14 +13,16 @@ from our own counter-based generator (Philox-4x32-10 keyed by (seed, offset, bat
 head, row, col)), P is not rounded to fp16/bf16 before P.V (more accurate), and head dims are
 limited to 512.
 """
+from types import SimpleNamespace
+
 import numpy as np
 
 from . import _rng
 from . import _validate as V
 from ._core import forward
+from ._npu_args import INT32_MAX, check_rank, int_list, kernel_view, qkv_arrays
 from ._runtime import empty
 
-INT32_MAX = 2147483647
 # torch_npu fills masked scores with -FLT_MAX (not -inf): a fully masked row then averages V
 # instead of producing NaN, and the "invalid line" rows are recognised by a max of -FLT_MAX.
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -35,28 +37,7 @@ _MAX_HEAD_DIM = 512              # the kernel's limit (the NPU allows 768)
 _TOCKEN_CLAMP = 1 << 62
 
 
-class _Geometry:
-    """Sizes of one call and the kernel-order views of query/key/value."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
 # ---- layouts ------------------------------------------------------------------------------------
-
-def _split_heads(a, n):
-    """(..., H) -> (..., n, H // n) as a view: splitting one axis never needs a copy."""
-    return np.reshape(a, a.shape[:-1] + (n, a.shape[-1] // n), copy=False)
-
-
-def _rank(a, name, layout):
-    nd = 3 if layout in ("BSH", "SBH", "TND") else 4
-    dims = {"BSH": "(B, S, H)", "SBH": "(S, B, H)", "TND": "(T, N, D)", "BSND": "(B, S, N, D)",
-            "BNSD": "(B, N, S, D)"}[layout]
-    if a.ndim != nd:
-        raise ValueError(f"{name}: input_layout {layout} expects {nd} dims {dims}, got shape "
-                         f"{tuple(a.shape)}")
-
 
 def _hidden_split(q, k, v, head_num):
     """BSH/SBH: head dims from hidden sizes (D = Hq / head_num, Nkv = Hk / D, Dv = Hv / Nkv)."""
@@ -84,27 +65,17 @@ def _geometry(query, key, value, head_num, input_layout):
     head_num = V.to_int(head_num, "head_num")
     if head_num <= 0:
         raise ValueError(f"head_num: expected a positive integer, got {head_num}")
-    q = V.as_array(query, "query")
-    k = V.as_array(key, "key")
-    v = V.as_array(value, "value")
-    V.check_float_dtype(q, "query")
-    V.check_same_dtype(k, "key", q, "query")
-    V.check_same_dtype(v, "value", q, "query")
+    q, k, v = qkv_arrays(query, key, value)
     for a, name in ((q, "query"), (k, "key"), (v, "value")):
-        _rank(a, name, layout)
+        check_rank(a, name, layout)
     # Only a strided last dim is copied (API.md section 1); for BSH/SBH that dim is H.
     q, k, v = (V.last_dim_contiguous(a) for a in (q, k, v))
 
+    heads = (None, None, None)
     if layout in ("BSH", "SBH"):
-        d, nkv, dv = _hidden_split(q, k, v, head_num)
-        nq = head_num
-        q4, k4, v4 = _split_heads(q, nq), _split_heads(k, nkv), _split_heads(v, nkv)
-        if layout == "SBH":  # (S, B, N, D) -> (B, S, N, D)
-            q4, k4, v4 = (a.transpose(1, 0, 2, 3) for a in (q4, k4, v4))
-    elif layout == "BNSD":
-        q4, k4, v4 = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    else:  # BSND, TND: already (b, s, n, d) / (t, n, d)
-        q4, k4, v4 = q, k, v
+        _, nkv, _ = _hidden_split(q, k, v, head_num)
+        heads = (head_num, nkv, nkv)
+    q4, k4, v4 = (kernel_view(a, layout, n) for a, n in zip((q, k, v), heads))
     nq, d = q4.shape[-2], q4.shape[-1]
     nkv, dk, dv = k4.shape[-2], k4.shape[-1], v4.shape[-1]
     if layout not in ("BSH", "SBH") and nq != head_num:
@@ -127,8 +98,9 @@ def _geometry(query, key, value, head_num, input_layout):
     if layout == "TND":
         if k4.shape[0] != v4.shape[0]:
             raise ValueError(f"value: {v4.shape[0]} tokens differ from the {k4.shape[0]} tokens of key")
-        return _Geometry(layout=layout, tnd=True, b=None, sq=None, sk=None, tq=q4.shape[0],
-                         tk=k4.shape[0], h=nq, hk=nkv, d=d, dv=dv, q=q4, k=k4, v=v4)
+        return SimpleNamespace(layout=layout, tnd=True, b=None, sq=None, sk=None,
+                               tq=q4.shape[0], tk=k4.shape[0], h=nq, hk=nkv, d=d, dv=dv, q=q4,
+                               k=k4, v=v4)
     b, sq = q4.shape[0], q4.shape[1]
     if k4.shape[0] != b or v4.shape[0] != b:
         raise ValueError(f"key/value: batch sizes {k4.shape[0]}/{v4.shape[0]} differ from the query "
@@ -139,21 +111,14 @@ def _geometry(query, key, value, head_num, input_layout):
     for n, name in ((b, "batch"), (sq, "query sequence length"), (sk, "key sequence length")):
         if n < 1:
             raise ValueError(f"query/key: {name} must be at least 1, got {n}")
-    return _Geometry(layout=layout, tnd=False, b=b, sq=sq, sk=sk, h=nq, hk=nkv, d=d, dv=dv,
-                     q=q4, k=k4, v=v4)
+    return SimpleNamespace(layout=layout, tnd=False, b=b, sq=sq, sk=sk, h=nq, hk=nkv, d=d,
+                           dv=dv, q=q4, k=k4, v=v4)
 
 
 # ---- TND sequence lists -------------------------------------------------------------------------
 
 def _seq_list(x, name):
-    a = V.as_array(x, name)
-    if a.ndim != 1 or a.shape[0] == 0:
-        raise ValueError(f"{name}: expected a non-empty 1-D list, got shape {tuple(a.shape)}")
-    if a.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected a list of integers, got dtype {a.dtype}")
-    a = a.astype(np.int64)
-    if a.min() < 0:
-        raise ValueError(f"{name}: entries must be >= 0, got {a.tolist()}")
+    a = int_list(x, name)
     # Cumulative ends without a leading 0. Trailing zeros disable trailing batches (the NPU clamps
     # each length at 0); any other decrease is rejected because the rows it implies overlap.
     nz = np.flatnonzero(a)
@@ -195,11 +160,11 @@ def _tnd_sequences(g, actual_seq_qlen, actual_seq_kvlen):
 # ---- options ------------------------------------------------------------------------------------
 
 def _options(g, scale, keep_prob, pre_tockens, next_tockens, inner_precise, sparse_mode,
-             gen_mask_parallel, sync, softmax_layout, padding_mask):
+             gen_mask_parallel, sync, softmax_layout, padding_mask, scale_name="scale"):
     if padding_mask is not None:
         raise NotImplementedError("padding_mask: not supported (torch_npu documents it as reserved "
                                   "and unsupported); pass None and use atten_mask")
-    o = dict(scale=V.to_float(scale, "scale"),
+    o = dict(scale=V.to_float(scale, scale_name),
              keep_prob=V.to_float(keep_prob, "keep_prob"),
              pre=V.to_int(pre_tockens, "pre_tockens"),
              next=V.to_int(next_tockens, "next_tockens"),
@@ -503,39 +468,41 @@ def _tnd_pse(pse, g, dtype, mode):
 
 # ---- the call -----------------------------------------------------------------------------------
 
-def _value_for_kernel(g):
-    """The kernel shares one head dim between K and V: Dv < Dk is run on V zero-padded to Dk
-    (exact: the extra output columns are zero and dropped). The only copy this module makes."""
-    if g.dv == g.d:
-        return g.v
-    vp = np.zeros(g.v.shape[:-1] + (g.d,), g.v.dtype)
-    vp[..., : g.dv] = g.v
-    return vp
-
-
-def _out_array(g, dtype):
-    """The output in the layout's own order (C-contiguous, 4-D with N and D split for BSH/SBH)
-    and the kernel's (b, s, n, d) view of it."""
-    d = g.d  # Dv is sliced off afterwards when it differs
-    if g.layout == "TND":
-        out = empty((g.tq, g.h, d), dtype)
-        return out, out
-    if g.layout == "BNSD":
-        out = empty((g.b, g.h, g.sq, d), dtype)
-        return out, out.transpose(0, 2, 1, 3)
-    if g.layout == "SBH":
-        out = empty((g.sq, g.b, g.h, d), dtype)
-        return out, out.transpose(1, 0, 2, 3)
-    out = empty((g.b, g.sq, g.h, d), dtype)
-    return out, out
-
-
-def _finish_out(out, g):
-    if g.dv != g.d:
-        out = np.ascontiguousarray(out[..., : g.dv])
-    if g.layout in ("BSH", "SBH"):
-        out = out.reshape(out.shape[:2] + (g.h * g.dv,))
+def _pad_head_dim(a, d):
+    """The kernel shares one head dim between K and V: Dv < Dk runs on V (and, in the backward,
+    dy and attention_in) zero-padded to Dk -- exact: the extra columns are zero and add 0 to every
+    product. The only copies the NPU front-ends make of their inputs."""
+    if a.shape[-1] == d:
+        return a
+    out = np.zeros(a.shape[:-1] + (d,), a.dtype)
+    out[..., : a.shape[-1]] = a
     return out
+
+
+def _layout_array(g, rows, n, dtype, zeroed=False):
+    """An output of `rows` rows and n heads of head dim Dk in the call's layout order
+    (C-contiguous, 4-D with N and D split for BSH/SBH) and the kernel's view of it. zeroed:
+    start from 0 (rows no kernel call writes stay 0) instead of an uninitialised buffer."""
+    shape = {"TND": (rows, n, g.d), "BNSD": (g.b, n, rows, g.d),
+             "SBH": (rows, g.b, n, g.d)}.get(g.layout, (g.b, rows, n, g.d))
+    a = np.zeros(shape, dtype) if zeroed else empty(shape, dtype)
+    return a, kernel_view(a, g.layout)
+
+
+def _finish(a, g, n, d):
+    """Drop the head-dim padding (to d) and merge N, D for BSH/SBH."""
+    if a.shape[-1] != d:
+        a = np.ascontiguousarray(a[..., :d])
+    if g.layout in ("BSH", "SBH"):
+        a = a.reshape(a.shape[:2] + (n * d,))
+    return a
+
+
+def _ntd_block(flat, g, bi):
+    """Batch bi's [N, Sq_b, 8] block of TND statistics in torch_npu's default "NTD" order: the
+    per-batch blocks back to back in the flat buffer (MindSpeed flatten_softmax)."""
+    qa, qb = int(g.cu_q[bi]), int(g.cu_q[bi + 1])
+    return flat[8 * g.h * qa: 8 * g.h * qb].reshape(g.h, qb - qa, 8)
 
 
 def _invalid_stats(rmax, rsum):
@@ -563,11 +530,19 @@ def _tnd_groups(g, bands, per_batch):
     return [(b0, b1, bands[b0]) for b0, b1, _ in groups]
 
 
+class _Call:
+    """One kernel call: the packed query and key rows it covers ((start, stop), None: all of a
+    fixed-length call), its batches [b0, b1) (TND), and its band/mask/pse/prefix/cu keywords for
+    _core.forward and _core.backward."""
+
+    def __init__(self, q_rows, k_rows, batches, kw):
+        self.q_rows, self.k_rows, self.batches, self.kw = q_rows, k_rows, batches, kw
+
+
 class _Plan:
     """A validated call as kernel work: the geometry, the options every kernel call shares, and
-    the calls themselves. Each call is (q_rows, k_rows, options): the packed query and key rows
-    it covers (None: all of a fixed-length call) and its band/mask/pse/prefix/cu arguments for
-    _core.forward. A backward front-end replays the same calls on the same slices."""
+    the calls themselves. The backward front-end (npu_grad) replays the same calls on the same
+    slices, so it sees exactly the forward's bands, masks, pse views and invalid-line switch."""
 
     def __init__(self, g, o, calls, invalid, sink):
         self.g, self.o, self.calls = g, o, calls
@@ -580,8 +555,9 @@ class _Plan:
 
 
 def _fixed_calls(band, mask, prefix, pse):
-    return [(None, None, dict(left=band.left, right=band.right, anchor_br=band.anchor_br,
-                              mask=mask, prefix=prefix, pse=pse))]
+    return [_Call(None, None, None, dict(left=band.left, right=band.right,
+                                         anchor_br=band.anchor_br, mask=mask, prefix=prefix,
+                                         pse=pse))]
 
 
 def _tnd_calls(g, bands, mask, prefix, pse):
@@ -597,7 +573,7 @@ def _tnd_calls(g, bands, mask, prefix, pse):
         if mask_kind == "block":
             m = np.broadcast_to(mask_arr[qa:qb, ka:kb][None, None], (1, g.h, qb - qa, kb - ka))
         p = pse_buf[b0:b0 + 1] if pse_per_batch else pse_buf
-        calls.append(((qa, qb), (ka, kb), dict(
+        calls.append(_Call((qa, qb), (ka, kb), (b0, b1), dict(
             varlen=True, cu_q=np.concatenate([np.zeros(b0, np.int64), g.cu_q[b0:b1 + 1] - qa]),
             cu_k=np.concatenate([np.zeros(b0, np.int64), g.cu_k[b0:b1 + 1] - ka]),
             left=band.left, right=band.right, anchor_br=band.anchor_br, mask=m, pse=p,
@@ -605,24 +581,10 @@ def _tnd_calls(g, bands, mask, prefix, pse):
     return calls
 
 
-def _plan(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale,
-          keep_prob, pre_tockens, next_tockens, inner_precise, prefix, actual_seq_qlen,
-          actual_seq_kvlen, sparse_mode, gen_mask_parallel, sync, softmax_layout, sink):
-    """Every check of npu_fusion_attention, in torch_npu's order, and its translation into kernel
-    calls. Nothing is computed and no output is allocated here."""
-    g = _geometry(query, key, value, head_num, input_layout)
-    if g.tnd:
-        _tnd_sequences(g, actual_seq_qlen, actual_seq_kvlen)
-    elif actual_seq_qlen is not None or actual_seq_kvlen is not None:
-        raise ValueError(f"actual_seq_qlen/actual_seq_kvlen: only valid with input_layout TND, got "
-                         f"{g.layout}")
-    else:
-        g.numels = g.b * g.h * g.sq * g.sk
-    o = _options(g, scale, keep_prob, pre_tockens, next_tockens, inner_precise, sparse_mode,
-                 gen_mask_parallel, sync, softmax_layout, padding_mask)
-    sink_arr = _sink(sink, g.h)
+def _translate(g, o, atten_mask, prefix, pse):
+    """atten_mask, sparse_mode, tockens, prefix and pse as kernel calls, plus the invalid-line
+    switch (explicit, or switched on as torch_npu's tiling does)."""
     mode = o["mode"]
-
     invalid = o["inner_precise"] == 2
     prefix_arr = mask = None
     band, bands = _Band(), [_Band() for _ in range(g.b)]
@@ -645,49 +607,68 @@ def _plan(query, key, value, head_num, input_layout, pse, padding_mask, atten_ma
             else _fixed_pse(pse, g, g.q.dtype)
     calls = _tnd_calls(g, bands, mask, prefix_arr, pse_view) if g.tnd else \
         _fixed_calls(band, mask, prefix_arr, pse_view)
+    return calls, invalid
+
+
+def _plan(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale,
+          keep_prob, pre_tockens, next_tockens, inner_precise, prefix, actual_seq_qlen,
+          actual_seq_kvlen, sparse_mode, gen_mask_parallel, sync, softmax_layout, sink,
+          scale_name="scale"):
+    """Every check of npu_fusion_attention, in torch_npu's order, and its translation into kernel
+    calls. Nothing is computed and no output is allocated here."""
+    g = _geometry(query, key, value, head_num, input_layout)
+    if g.tnd:
+        _tnd_sequences(g, actual_seq_qlen, actual_seq_kvlen)
+    elif actual_seq_qlen is not None or actual_seq_kvlen is not None:
+        raise ValueError(f"actual_seq_qlen/actual_seq_kvlen: only valid with input_layout TND, got "
+                         f"{g.layout}")
+    else:
+        g.numels = g.b * g.h * g.sq * g.sk
+    o = _options(g, scale, keep_prob, pre_tockens, next_tockens, inner_precise, sparse_mode,
+                 gen_mask_parallel, sync, softmax_layout, padding_mask, scale_name)
+    sink_arr = _sink(sink, g.h)
+    calls, invalid = _translate(g, o, atten_mask, prefix, pse)
     return _Plan(g, o, calls, invalid, sink_arr)
 
 
 def _run_fixed(plan, common, acc):
     g = plan.g
-    out, out_k = _out_array(g, g.q.dtype)
+    out, out_k = _layout_array(g, g.sq, g.h, g.q.dtype)
     smax = empty((g.b, g.h, g.sq, 8), acc)
     ssum = empty((g.b, g.h, g.sq, 8), acc)
-    (_, _, kw), = plan.calls
-    forward(g.q, g.k, _value_for_kernel(g), out=out_k, rowmax=smax[..., 0], rowsum=ssum[..., 0],
-            **kw, **common)
+    call, = plan.calls
+    forward(g.q, g.k, _pad_head_dim(g.v, g.d), out=out_k, rowmax=smax[..., 0],
+            rowsum=ssum[..., 0], **call.kw, **common)
     _invalid_stats(smax[..., 0], ssum[..., 0])
     smax[..., 1:] = smax[..., :1]  # torch_npu broadcasts the statistic to 8 lanes
     ssum[..., 1:] = ssum[..., :1]
-    return _finish_out(out, g), smax, ssum
+    return _finish(out, g, g.h, g.dv), smax, ssum
 
 
 def _run_tnd(plan, common, acc):
     g = plan.g
-    out, _ = _out_array(g, g.q.dtype)
+    out, _ = _layout_array(g, g.tq, g.h, g.q.dtype)
     total = int(g.cu_q[-1])
     out[total:] = 0  # rows past the sequences: the NPU leaves them unwritten, we zero them
     stats = np.zeros((2, g.h, g.tq), acc)
-    vk = _value_for_kernel(g)
-    for (qa, qb), (ka, kb), kw in plan.calls:
+    vk = _pad_head_dim(g.v, g.d)
+    for c in plan.calls:
+        (qa, qb), (ka, kb) = c.q_rows, c.k_rows
         forward(g.q[qa:qb], g.k[ka:kb], vk[ka:kb], out=out[qa:qb],
-                rowmax=stats[0][None, :, qa:qb], rowsum=stats[1][None, :, qa:qb], **kw, **common)
+                rowmax=stats[0][None, :, qa:qb], rowsum=stats[1][None, :, qa:qb], **c.kw,
+                **common)
     _invalid_stats(stats[0][:, :total], stats[1][:, :total])
     smax = np.zeros((g.tq, g.h, 8), acc)
     ssum = np.zeros((g.tq, g.h, 8), acc)
     if plan.o["softmax_layout"] == "TND":
         smax[...] = stats[0].T[:, :, None]
         ssum[...] = stats[1].T[:, :, None]
-    else:
-        # torch_npu's default "NTD": per batch an [N, Sq_b, 8] block, blocks concatenated in the
-        # flat buffer (MindSpeed flatten_softmax), returned in a [T, N, 8]-shaped array.
-        fmax, fsum = smax.reshape(-1), ssum.reshape(-1)
+    else:  # torch_npu's default "NTD" blocks, returned in a [T, N, 8]-shaped array
         for bi in range(g.b):
             qa, qb = int(g.cu_q[bi]), int(g.cu_q[bi + 1])
-            lo, hi = 8 * g.h * qa, 8 * g.h * qb
-            fmax[lo:hi].reshape(g.h, qb - qa, 8)[...] = stats[0][:, qa:qb, None]
-            fsum[lo:hi].reshape(g.h, qb - qa, 8)[...] = stats[1][:, qa:qb, None]
-    return _finish_out(out, g), smax, ssum
+            _ntd_block(smax.reshape(-1), g, bi)[...] = stats[0][:, qa:qb, None]
+            _ntd_block(ssum.reshape(-1), g, bi)[...] = stats[1][:, qa:qb, None]
+    return _finish(out, g, g.h, g.dv), smax, ssum
 
 
 def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,

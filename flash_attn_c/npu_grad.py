@@ -2,9 +2,9 @@
 
 ``npu_fusion_attention_grad`` with torch_npu's names, defaults and (dq, dk, dv, dpse) result,
 following specs/npu_fusion_attention.md section 9. Like the forward front-end (npu.py) this module
-holds no attention math: it validates the arguments, translates layouts, sparse modes, masks and
-pse with npu.py's own helpers (so the gradient sees exactly the forward's bands, masks, pse views
-and invalid-line switch), turns the given softmax_max/softmax_sum/attention_in into the kernel's
+holds no attention math: it validates and translates the arguments with npu.py's own plan and
+replays the forward's kernel calls (so the gradient sees exactly the forward's bands, masks, pse
+views and invalid-line switch), turns the given softmax_max/softmax_sum/attention_in into the kernel's
 statistics, and calls the one backward kernel (_core.backward). The only arithmetic here is the
 reduction of the per-batch pse gradient to pse's shape, which _core.backward leaves to the caller.
 
@@ -28,28 +28,14 @@ import numpy as np
 from . import _validate as V
 from ._core import backward
 from ._runtime import empty
+from ._npu_args import INT32_MAX, kernel_view
 from .npu import (
-    FLT_MAX,
-    INT32_MAX,
     _ALIBI_ROWS,
-    _FULL_MASK_MODES,
-    _Band,
-    _check_compressed,
-    _fixed_band,
-    _fixed_mask,
-    _fixed_pse,
-    _geometry,
-    _mask_array,
-    _options,
-    _prefix,
-    _sink,
-    _split_heads,
-    _tnd_bands,
-    _tnd_groups,
-    _tnd_mask,
-    _tnd_pse,
-    _tnd_sequences,
-    _value_for_kernel,
+    _finish,
+    _layout_array,
+    _ntd_block,
+    _pad_head_dim,
+    _plan,
     npu_fusion_attention,
 )
 
@@ -58,60 +44,12 @@ __all__ = ["npu_fusion_attention_grad"]
 _U64 = 1 << 64
 
 
-class _Plan:
-    """The forward's translation of mask, sparse mode, prefix and pse for one call."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-def _plan(g, o, atten_mask, prefix, pse):
-    """Mask view, band(s), prefix, pse view and invalid-line switch exactly as
-    npu_fusion_attention derives them, so P is rebuilt over the forward's visible keys."""
-    mode = o["mode"]
-    invalid = o["inner_precise"] == 2
-    prefix_arr = mask = band = bands = None
-    if atten_mask is not None:  # without a mask torch_npu ignores sparse_mode and the tockens
-        m = _mask_array(atten_mask)
-        if mode in _FULL_MASK_MODES:
-            mask = _tnd_mask(m, g) if g.tnd else _fixed_mask(m, g, mode)
-        else:
-            _check_compressed(m, mode)
-        if mode in (5, 6):
-            prefix_arr = _prefix(prefix, g, mode)
-        if g.tnd:
-            bands = _tnd_bands(o, g)
-        else:
-            band, auto_invalid = _fixed_band(o, g)
-            invalid = invalid or auto_invalid
-    elif g.tnd:
-        bands = [_Band() for _ in range(g.b)]
-    else:
-        band = _Band()
-    pse_view = None
-    if pse is not None:
-        pse_view = _tnd_pse(pse, g, g.q.dtype, mode if atten_mask is not None else 0) if g.tnd \
-            else _fixed_pse(pse, g, g.q.dtype)
-    return _Plan(mask=mask, band=band, bands=bands, prefix=prefix_arr, pse=pse_view,
-                 invalid=invalid)
-
-
 # ---- arrays in the call's layout ----------------------------------------------------------------
 
 def _layout_shape(g, rows, n, d):
     """Shape of a (rows, n heads, head dim d) operand in the call's layout."""
     return {"BSH": (g.b, rows, n * d), "SBH": (rows, g.b, n * d), "BSND": (g.b, rows, n, d),
             "BNSD": (g.b, n, rows, d), "TND": (rows, n, d)}[g.layout]
-
-
-def _kernel_view(a, g, n):
-    """An operand in the call's layout as the kernel's (b, s, n, d) (TND: (t, n, d)) view."""
-    if g.layout in ("BSH", "SBH"):
-        a = _split_heads(a, n)
-        return a.transpose(1, 0, 2, 3) if g.layout == "SBH" else a
-    if g.layout == "BNSD":
-        return a.transpose(0, 2, 1, 3)
-    return a
 
 
 def _query_like(x, name, g):
@@ -123,43 +61,7 @@ def _query_like(x, name, g):
     if tuple(a.shape) != want:
         raise ValueError(f"{name}: expected shape {list(want)} (the attention output of input_layout "
                          f"{g.layout}), got {list(a.shape)}")
-    return _kernel_view(V.last_dim_contiguous(a), g, g.h)
-
-
-def _pad_head_dim(a, d):
-    """Dv < Dk: the kernel shares one head dim, so dy and attention_in are zero-padded to Dk
-    like value (exact: padded columns add 0 to dO.V^T and to rowsum(dO * O))."""
-    if a.shape[-1] == d:
-        return a
-    out = np.zeros(a.shape[:-1] + (d,), a.dtype)
-    out[..., : a.shape[-1]] = a
-    return out
-
-
-def _grad_array(g, rows, n, dtype):
-    """A gradient in the call's layout order (C-contiguous, N and D split for BSH/SBH, head dim
-    Dk) and the kernel's view of it. TND starts zeroed: rows outside every sequence stay 0."""
-    d = g.d
-    if g.layout == "TND":
-        a = np.zeros((rows, n, d), dtype)
-        return a, a
-    if g.layout == "BNSD":
-        a = empty((g.b, n, rows, d), dtype)
-        return a, a.transpose(0, 2, 1, 3)
-    if g.layout == "SBH":
-        a = empty((rows, g.b, n, d), dtype)
-        return a, a.transpose(1, 0, 2, 3)
-    a = empty((g.b, rows, n, d), dtype)
-    return a, a
-
-
-def _finish(a, g, n, d):
-    """Drop the head-dim padding (dv when Dv < Dk) and merge N, D for BSH/SBH."""
-    if a.shape[-1] != d:
-        a = np.ascontiguousarray(a[..., :d])
-    if g.layout in ("BSH", "SBH"):
-        a = a.reshape(a.shape[:2] + (n * d,))
-    return a
+    return kernel_view(V.last_dim_contiguous(a), g.layout, g.h)
 
 
 # ---- softmax statistics -------------------------------------------------------------------------
@@ -184,11 +86,10 @@ def _stats(smax, ssum, g, o, acc):
     if g.tnd and o["softmax_layout"] == "":
         stats = np.zeros((2, g.h, g.tq), acc)
         for src, dst in ((smax, stats[0]), (ssum, stats[1])):
-            flat = src.reshape(-1)  # per batch an [N, Sq_b, 8] block at offset 8 * N * cu_q[b]
             for bi in range(g.b):
                 qa, qb = int(g.cu_q[bi]), int(g.cu_q[bi + 1])
                 if qb > qa:
-                    dst[:, qa:qb] = flat[8 * g.h * qa: 8 * g.h * qb].reshape(g.h, qb - qa, 8)[..., 0]
+                    dst[:, qa:qb] = _ntd_block(src.reshape(-1), g, bi)[..., 0]
         return stats[0], stats[1]
     rmax, rsum = (a[..., 0].T if g.tnd else a[..., 0] for a in (smax, ssum))
     if rmax.dtype != acc or rsum.dtype != acc or rmax.strides != rsum.strides:
@@ -253,57 +154,44 @@ def _dpse_fixed(dpse, pse, g):
 
 # ---- the call -----------------------------------------------------------------------------------
 
-def _run_fixed(g, plan, common, dy4, o4, rmax, rsum, want_dpse):
-    vk = _value_for_kernel(g)
-    dq, dq4 = _grad_array(g, g.sq, g.h, g.q.dtype)
-    dk, dk4 = _grad_array(g, g.sk, g.hk, g.q.dtype)
-    dv, dv4 = _grad_array(g, g.sk, g.hk, g.q.dtype)
-    band = plan.band
+def _run_fixed(plan, common, dy4, o4, rmax, rsum, want_dpse):
+    g = plan.g
+    dq, dq4 = _layout_array(g, g.sq, g.h, g.q.dtype)
+    dk, dk4 = _layout_array(g, g.sk, g.hk, g.q.dtype)
+    dv, dv4 = _layout_array(g, g.sk, g.hk, g.q.dtype)
+    call, = plan.calls
     _, _, _, dpse = backward(
-        _pad_head_dim(dy4, g.d), g.q, g.k, vk, _pad_head_dim(o4, g.d), rowmax=rmax,
-        rowsum=rsum, left=band.left, right=band.right, anchor_br=band.anchor_br, mask=plan.mask,
-        prefix=plan.prefix, pse=plan.pse, want_dpse=want_dpse, grads=(dq4, dk4, dv4), **common)
+        _pad_head_dim(dy4, g.d), g.q, g.k, _pad_head_dim(g.v, g.d), _pad_head_dim(o4, g.d),
+        rowmax=rmax, rowsum=rsum, want_dpse=want_dpse, grads=(dq4, dk4, dv4), **call.kw,
+        **common)
     return dq, dk, dv, dpse
 
 
-def _run_tnd(g, plan, common, dy4, o4, rmax, rsum, want_dpse, pse):
-    vk = _value_for_kernel(g)
+def _run_tnd(plan, common, dy4, o4, rmax, rsum, pse):
+    """The forward's kernel calls (npu._tnd_calls) replayed on the same slices, so dropout is
+    keyed as in the forward. Gradients start zeroed: rows outside every sequence stay 0."""
+    g = plan.g
+    vk = _pad_head_dim(g.v, g.d)
     dy4, o4 = _pad_head_dim(dy4, g.d), _pad_head_dim(o4, g.d)
-    dq, _ = _grad_array(g, g.tq, g.h, g.q.dtype)
-    dk, _ = _grad_array(g, g.tk, g.hk, g.q.dtype)
-    dv, _ = _grad_array(g, g.tk, g.hk, g.q.dtype)
-    mask_kind, mask_arr = plan.mask if plan.mask is not None else (None, None)
-    pse_per_batch, pse_buf = plan.pse if plan.pse is not None else (False, None)
+    dq, _ = _layout_array(g, g.tq, g.h, g.q.dtype, zeroed=True)
+    dk, _ = _layout_array(g, g.tk, g.hk, g.q.dtype, zeroed=True)
+    dv, _ = _layout_array(g, g.tk, g.hk, g.q.dtype, zeroed=True)
+    want_dpse = pse is not None
     dpse = np.zeros(pse.shape, np.float64 if g.q.dtype == np.float64 else np.float32) \
         if want_dpse else None
-    # The forward's grouping (npu._tnd_groups) and per-group arguments: one varlen call per run of
-    # batches sharing a band; b0 leading empty sequences keep the kernel's batch index global, so
-    # dropout is keyed as in the forward.
-    for b0, b1, band in _tnd_groups(g, plan.bands, mask_kind == "block" or pse_per_batch):
-        qa, qb = int(g.cu_q[b0]), int(g.cu_q[b1])
-        ka, kb = int(g.cu_k[b0]), int(g.cu_k[b1])
-        cu_q = np.concatenate([np.zeros(b0, np.int64), g.cu_q[b0:b1 + 1] - qa])
-        cu_k = np.concatenate([np.zeros(b0, np.int64), g.cu_k[b0:b1 + 1] - ka])
-        m = None
-        if mask_kind == "window":
-            m = mask_arr
-        elif mask_kind == "block":
-            m = np.broadcast_to(mask_arr[qa:qb, ka:kb][None, None], (1, g.h, qb - qa, kb - ka))
-        p = None
-        if pse_buf is not None:
-            p = pse_buf[b0:b0 + 1] if pse_per_batch else pse_buf
+    for c in plan.calls:
+        (qa, qb), (ka, kb), (b0, b1) = c.q_rows, c.k_rows, c.batches
         _, _, _, part = backward(
-            dy4[qa:qb], g.q[qa:qb], g.k[ka:kb], vk[ka:kb], o4[qa:qb], varlen=True, cu_q=cu_q,
-            cu_k=cu_k, rowmax=rmax[:, qa:qb], rowsum=rsum[:, qa:qb], left=band.left,
-            right=band.right, anchor_br=band.anchor_br, mask=m,
-            prefix=plan.prefix[:b1] if plan.prefix is not None else None, pse=p,
-            want_dpse=want_dpse, grads=(dq[qa:qb], dk[ka:kb], dv[ka:kb]), **common)
+            dy4[qa:qb], g.q[qa:qb], g.k[ka:kb], vk[ka:kb], o4[qa:qb], rowmax=rmax[:, qa:qb],
+            rowsum=rsum[:, qa:qb], want_dpse=want_dpse, grads=(dq[qa:qb], dk[ka:kb], dv[ka:kb]),
+            **c.kw, **common)
         if want_dpse:
             # part: (b1, h, maxSq, maxSkv) of this group, batch bi in its top-left corner.
             for bi in range(b0, b1):
                 s = int(g.lq[bi])  # Sq_b == Skv_b for pse (checked by npu._tnd_pse)
                 if s:
-                    _alibi_grad(part[bi, :, :s, :s], pse.shape[3], dpse[bi if pse_per_batch else 0])
+                    _alibi_grad(part[bi, :, :s, :s], pse.shape[3],
+                                dpse[bi if pse.shape[0] > 1 else 0])
     if want_dpse:
         dpse = dpse.astype(pse.dtype, copy=False)
     return dq, dk, dv, dpse
@@ -342,19 +230,11 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
     gen_mask_parallel and sync are accepted and do not change the numbers; padding_mask is
     unsupported, as on the NPU.
     """
-    g = _geometry(query, key, value, head_num, input_layout)
-    if g.tnd:
-        _tnd_sequences(g, actual_seq_qlen, actual_seq_kvlen)
-    elif actual_seq_qlen is not None or actual_seq_kvlen is not None:
-        raise ValueError(f"actual_seq_qlen/actual_seq_kvlen: only valid with input_layout TND, got "
-                         f"{g.layout}")
-    else:
-        g.numels = g.b * g.h * g.sq * g.sk
-    scale = V.to_float(scale_value, "scale_value")
-    o = _options(g, scale, keep_prob, pre_tockens, next_tockens, inner_precise, sparse_mode,
-                 gen_mask_parallel, sync, softmax_layout, padding_mask)
-    sink_arr = _sink(sink, g.h)
-    plan = _plan(g, o, atten_mask, prefix, pse)
+    plan = _plan(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask,
+                 scale_value, keep_prob, pre_tockens, next_tockens, inner_precise, prefix,
+                 actual_seq_qlen, actual_seq_kvlen, sparse_mode, gen_mask_parallel, sync,
+                 softmax_layout, sink, scale_name="scale_value")
+    g, o = plan.g, plan.o
     dy4 = _query_like(dy, "dy", g)
     seed, offset = _dropout_key(o, g, seed, offset, numels)
     if (softmax_max is None) != (softmax_sum is None):
@@ -370,25 +250,23 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
     if softmax_max is None or attention_in is None:
         # The statistics are taken before dropout, so a keep_prob=1 forward gives the same ones.
         fwd = npu_fusion_attention(query, key, value, head_num, input_layout, pse, None,
-                                   atten_mask, scale, 1.0, pre_tockens, next_tockens,
+                                   atten_mask, o["scale"], 1.0, pre_tockens, next_tockens,
                                    inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen,
                                    sparse_mode, softmax_layout=softmax_layout, sink=sink)
         if softmax_max is None:
             smax, ssum = fwd[1], fwd[2]
         if attention_in is None:
-            o4 = _kernel_view(fwd[0], g, g.h)
+            o4 = kernel_view(fwd[0], g.layout, g.h)
 
     acc = np.float64 if g.q.dtype == np.float64 else np.float32
     rmax, rsum = _stats(smax, ssum, g, o, acc)
-    common = dict(scale=o["scale"], dropout_p=1.0 - o["keep_prob"], seed=seed, offset=offset,
-                  mask_fill=-FLT_MAX, invalid_line_zero=plan.invalid, sink=sink_arr)
-    want_dpse = plan.pse is not None
-    pse_arr = V.as_array(pse, "pse") if want_dpse else None
+    common = plan.common(seed, offset)
+    pse_arr = V.as_array(pse, "pse") if pse is not None else None
     if g.tnd:
-        dq, dk, dv, dpse = _run_tnd(g, plan, common, dy4, o4, rmax, rsum, want_dpse, pse_arr)
+        dq, dk, dv, dpse = _run_tnd(plan, common, dy4, o4, rmax, rsum, pse_arr)
     else:
-        dq, dk, dv, dpse = _run_fixed(g, plan, common, dy4, o4, rmax, rsum, want_dpse)
-        if want_dpse:
+        dq, dk, dv, dpse = _run_fixed(plan, common, dy4, o4, rmax, rsum, pse_arr is not None)
+        if pse_arr is not None:
             dpse = _dpse_fixed(dpse, pse_arr, g)
     if dpse is None:
         dpse = np.empty((0,), dtype=g.q.dtype)

@@ -16,13 +16,16 @@ Semantics shared by the three ops (docs/npu_infer.md lists every difference from
 - The band and the right-down anchor use each batch's actual lengths.
 - Rows past a batch's actual query length are 0 (their softmax_lse +inf).
 """
+from types import SimpleNamespace
+
 import numpy as np
 
 from . import _validate as V
 from ._core import forward
+from ._npu_args import (INT32_MAX, LAYOUT_DIMS, check_rank, int_list, kernel_view,
+                        qkv_arrays)
 from ._runtime import empty
 
-INT32_MAX = 2147483647
 # The inference kernels replace masked scores by -1e12 (BOOL_ATTEN_MASK_SCALAR_VALUE in CANN's
 # FIA/IFA/PFA vector code), not -inf and not the training op's -FLT_MAX: a fully masked row then
 # averages value over its visible keys, its lse is about -1e12, and the invalid-row correction
@@ -75,25 +78,10 @@ def _heads(num_heads, num_key_value_heads):
     return n, nkv
 
 
-def _int_list(x, name):
-    """A host list (or 1-D integer array) of non-negative integers as int64."""
-    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        x = [x]
-    a = V.as_array(x, name)
-    if a.ndim != 1 or a.shape[0] == 0:  # checked first: [] reads as float64
-        raise ValueError(f"{name}: expected a non-empty 1-D list, got shape {tuple(a.shape)}")
-    if a.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected a list of integers, got dtype {a.dtype}")
-    a = a.astype(np.int64)
-    if a.min() < 0:
-        raise ValueError(f"{name}: entries must be >= 0, got {a.tolist()}")
-    return a
-
-
 def _per_batch(x, name, b, limit):
     """Per-batch lengths (not cumulative): one entry is broadcast, extra entries are dropped (as
     torch_npu does), each must lie in [0, limit]."""
-    a = _int_list(x, name)
+    a = int_list(x, name, scalar=True)
     if a.shape[0] == 1:
         a = np.repeat(a, b)
     elif a.shape[0] < b:
@@ -106,7 +94,7 @@ def _per_batch(x, name, b, limit):
 
 def _cumulative(x, name, total):
     """TND lists are cumulative ends without a leading 0; returns the cu_seqlens with it."""
-    a = _int_list(x, name)
+    a = int_list(x, name, scalar=True)
     if np.any(np.diff(a) < 0):
         raise ValueError(f"{name}: input_layout TND expects cumulative (non-decreasing) ends, got "
                          f"{a.tolist()}")
@@ -117,36 +105,14 @@ def _cumulative(x, name, total):
 
 # ---- q / k / v ---------------------------------------------------------------------------------
 
-class _Call:
-    """Sizes, kernel-order views and per-batch key geometry of one call."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
-_DIMS = {"BSH": "(B, S, H)", "BSND": "(B, S, N, D)", "BNSD": "(B, N, S, D)", "TND": "(T, N, D)",
-         "NTD": "(N, T, D)"}
-
-
-def _rank(a, name, layout, nd):
-    if a.ndim != nd:
-        raise ValueError(f"{name}: input_layout {layout} expects {nd} dims {_DIMS[layout]}, got "
-                         f"shape {tuple(a.shape)}")
-
-
 def _bsnd(a, name, layout, n):
     """A query/key/value tensor as its (b, s, n, d) (TND/NTD: (t, n, d)) view."""
-    _rank(a, name, layout, 3 if layout in ("BSH", "TND", "NTD") else 4)
+    check_rank(a, name, layout)
     if layout == "BSH":
         if a.shape[-1] % n or a.shape[-1] == 0:
             raise ValueError(f"{name}: hidden size {a.shape[-1]} is not a positive multiple of its "
                              f"{n} heads")
-        return np.reshape(a, a.shape[:-1] + (n, a.shape[-1] // n), copy=False)
-    if layout == "BNSD":
-        return a.transpose(0, 2, 1, 3)
-    if layout == "NTD":
-        return a.transpose(1, 0, 2)
-    return a  # BSND, TND
+    return kernel_view(a, layout, n)
 
 
 def _cache(a, name, layout, nkv, d):
@@ -170,18 +136,13 @@ def _cache(a, name, layout, nkv, d):
 
 
 def _geometry(query, key, value, layout, n, nkv, paged):
-    q = V.as_array(query, "query")
-    k = V.as_array(key, "key")
-    v = V.as_array(value, "value")
-    V.check_float_dtype(q, "query")
-    V.check_same_dtype(k, "key", q, "query")
-    V.check_same_dtype(v, "value", q, "query")
+    q, k, v = qkv_arrays(query, key, value)
     # Only a strided last dim is copied (API.md section 1).
     q, k, v = (V.last_dim_contiguous(a) for a in (q, k, v))
     q4 = _bsnd(q, "query", layout, n)
     if q4.shape[-2] != n:
         raise ValueError(f"num_heads: is {n}, but query has {q4.shape[-2]} heads "
-                         f"(input_layout {layout} {_DIMS[layout]})")
+                         f"(input_layout {layout} {LAYOUT_DIMS[layout]})")
     d = q4.shape[-1]
     V.head_dim(d, "query")
     if paged:
@@ -208,8 +169,9 @@ def _geometry(query, key, value, layout, n, nkv, paged):
         if not paged and k4.shape[0] != q4.shape[0]:
             raise ValueError(f"key/value: batch {k4.shape[0]} differs from the query batch "
                              f"{q4.shape[0]}")
-    return _Call(layout=layout, tnd=tnd, h=n, hk=nkv, d=d, q=q4, k=k4, v=v4, paged=paged,
-                 b=None if tnd else q4.shape[0], sq=q4.shape[-3], dtype=q.dtype)
+    return SimpleNamespace(layout=layout, tnd=tnd, h=n, hk=nkv, d=d, q=q4, k=k4, v=v4,
+                           paged=paged, b=None if tnd else q4.shape[0], sq=q4.shape[-3],
+                           dtype=q.dtype)
 
 
 def _paging(g, block_table, block_size):

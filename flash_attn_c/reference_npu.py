@@ -7,13 +7,21 @@ works one batch element at a time on the full score matrix with explicit boolean
 
 Summary of the rules implemented (i = query row, j = key column, both within a batch element):
 
-* S = scale * (Q K^T + pse) (pse added BEFORE scaling, NPU §2, §5); masked scores are replaced
-  by -FLT_MAX (not -inf), so a row in which every key is masked averages V uniformly over the
-  row's Skv keys (NPU §2) -- unless invalid-line mode is on (``inner_precise=2``, or switched on
-  automatically when the sparse band leaves rows empty, NPU §2), which gives such rows output 0,
-  softmax_max = -FLT_MAX and softmax_sum = +FLT_MAX.
+* S = scale * (Q K^T + pse) (pse added BEFORE scaling, NPU §2, §5). The softmax of a row runs
+  over its band: the keys the sparse mode, pre/next_tockens and prefix leave (the "visited
+  columns" of NPU §2); keys outside the band get weight 0. Keys masked by ``atten_mask`` inside
+  the band score -FLT_MAX (not -inf), so a row whose band keys are all masked averages V
+  uniformly over the band (softmax_max = -FLT_MAX, softmax_sum = the number of band keys).
+* A row with nothing to attend to -- its band holds no key (e.g. prefix modes 5/6 with
+  Sq > Skv and prefix[b] = 0), or invalid-line mode is on (``inner_precise=2``, or switched on
+  automatically when the sparse band leaves rows empty, NPU §2) and all its band keys are
+  masked -- gives output 0 and softmax_max = -FLT_MAX, softmax_sum = +FLT_MAX; with a sink, the
+  sink's own statistics (softmax_max = sink, softmax_sum = 1).
 * ``atten_mask`` True/1 = masked out. ``atten_mask=None`` means full attention whatever
-  sparse_mode/pre_tockens/next_tockens say (NPU §3).
+  sparse_mode/pre_tockens/next_tockens say (NPU §3). A TND mask with more than one batch whose
+  shape is [Tq, Tkv] or [sum Sq, sum Skv] is block-diagonal: batch b reads rows
+  cu_q[b]:cu_q[b+1] and columns cu_kv[b]:cu_kv[b+1]; any other 2-D mask of at least
+  [max Sq, max Skv] gives every batch its top-left [Sq_b, Skv_b] corner.
 * sparse_mode keep rules (NPU §4), with d_lu = j - i and d_rd = j - i - (Skv - Sq):
   0: ~mask and -pre <= d_lu <= next;  1: ~mask;  2: d_lu <= 0;  3: d_rd <= 0;
   4: -pre <= d_rd <= next;  5: ~mask and (d_rd <= 0 or j < prefix[b]);
@@ -299,31 +307,30 @@ class _Masking:
         sq, skv = p.sq[b], p.skv[b]
         if not p.tnd:
             return m[b]
-        if m.shape == (sum(p.sq), sum(p.skv)) and m.shape != (max(p.sq), max(p.skv)):
-            # undocumented [sum Sq, sum Skv] form: the block-diagonal block (NPU §1.4)
+        block_shapes = ((p.q.shape[0], p.k.shape[0]), (sum(p.sq), sum(p.skv)))
+        if p.batch > 1 and m.shape in block_shapes:
+            # block-diagonal: batch b owns rows cu_q[b]:cu_q[b+1], cols cu_kv[b]:cu_kv[b+1]
             q0, k0 = sum(p.sq[:b]), sum(p.skv[:b])
             return m[None, q0:q0 + sq, k0:k0 + skv]
         if m.shape[0] < sq or m.shape[1] < skv:
             raise ValueError(f"TND atten_mask {m.shape} is smaller than batch {b} ({sq}, {skv})")
         return m[None, :sq, :skv]          # top-left window (NPU §1.4)
 
-    def visible(self, b):
-        """Keep matrix of batch b, broadcastable to (N, Sq_b, Skv_b)."""
+    def band(self, b):
+        """Keys row i of batch b visits (sparse mode, pre/next, prefix), (1, Sq_b, Skv_b)."""
         p = self.prob
         sq, skv = p.sq[b], p.skv[b]
         i = np.arange(sq)[:, None]
         j = np.arange(skv)[None, :]
         d_lu = j - i
         d_rd = j - i - (skv - sq)
-        if not self.active:
-            return np.ones((1, sq, skv), bool)
         mode = self.mode
-        if mode in (7, 8) and b != self.band_batch:
-            mode = 3 if mode == 7 else 2
-        if mode == 0:
-            keep = ~self.user_mask_block(b) & ((d_lu >= -self.pre) & (d_lu <= self.next))
-        elif mode == 1:
-            keep = ~self.user_mask_block(b)
+        if not self.active or mode == 1:
+            keep = np.ones((sq, skv), bool)
+        elif mode in (7, 8) and b != self.band_batch:
+            keep = d_rd <= 0 if mode == 7 else d_lu <= 0
+        elif mode == 0:
+            keep = (d_lu >= -self.pre) & (d_lu <= self.next)
         elif mode == 2:
             keep = d_lu <= 0
         elif mode == 3:
@@ -332,14 +339,18 @@ class _Masking:
             keep = (d_rd >= -self.pre) & (d_rd <= self.next)
         elif mode in (5, 6):
             keep = (d_rd <= 0) | (j < self.prefix[b])
-            if mode == 5:
-                keep = ~self.user_mask_block(b) & keep
         elif mode == 7:
             keep = d_rd <= self.next
         else:  # mode 8, band batch
             keep = d_lu <= skv - max(sq - self.next, 0)
-        keep = np.asarray(keep)
-        return keep if keep.ndim == 3 else keep[None]
+        return keep[None]
+
+    def visible(self, b):
+        """Band keys not masked by atten_mask, broadcastable to (N, Sq_b, Skv_b)."""
+        keep = self.band(b)
+        if self.active and self.mode in (0, 1, 5):
+            keep = keep & ~self.user_mask_block(b)
+        return keep
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,27 +503,38 @@ def _scores(qb, kh, pse_b, scale, visible, prec):
     return np.where(visible, s, -FLT_MAX)
 
 
-def _forward_batch(qb, kb, vb, visible, pse_b, scale, sink, keep, keep_prob, invalid_line, prec):
+def _nothing_to_attend(band, visible, invalid_line, shape):
+    """(N, Sq_b) rows that give output 0: no band key, or (invalid-line mode) no unmasked one."""
+    rows = ~band.any(axis=-1)
+    if invalid_line:
+        rows = rows | ~visible.any(axis=-1)
+    return np.broadcast_to(rows, shape)
+
+
+def _forward_batch(qb, kb, vb, band, visible, pse_b, scale, sink, keep, keep_prob, invalid_line,
+                   prec):
     n = qb.shape[0]
     groups = n // kb.shape[0]
     qb = prec(qb)
     kh, vh = np.repeat(prec(kb), groups, axis=0), np.repeat(prec(vb), groups, axis=0)
     s = _scores(qb, kh, pse_b, scale, visible, prec)
-    with np.errstate(over="ignore"):
-        m = s.max(axis=-1)
+    band = np.broadcast_to(band, s.shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # The softmax runs over the band only: keys outside it weigh 0 (NPU §2).
+        m = np.where(band, s, -np.inf).max(axis=-1)
         if sink is not None:
             m = np.maximum(m, sink[:, None])
-        e = np.exp(s - m[..., None])
+        e = np.where(band, np.exp(s - m[..., None]), 0.0)
         total = e.sum(axis=-1)
         if sink is not None:
             total = total + np.exp(sink[:, None] - m)
         p = e / total[..., None]
-    empty = np.broadcast_to(~visible.any(axis=-1), m.shape)
-    if invalid_line:
-        # Invalid-line mode: rows with no visible key give 0 (NPU §2).
-        p = np.where(empty[..., None], 0.0, p)
-        m = np.where(empty, -FLT_MAX, m)
-        total = np.where(empty, FLT_MAX, total)
+    nothing = _nothing_to_attend(band, visible, invalid_line, m.shape)
+    p = np.where(nothing[..., None], 0.0, p)
+    if sink is None:
+        # No key and no sink: the NPU's invalid-line statistics (NPU §2).
+        m = np.where(nothing, -FLT_MAX, m)
+        total = np.where(nothing, FLT_MAX, total)
     p = prec(p)
     if keep is not None:
         p = prec(p * keep * (1.0 / keep_prob))
@@ -520,7 +542,7 @@ def _forward_batch(qb, kb, vb, visible, pse_b, scale, sink, keep, keep_prob, inv
     return out, m, total
 
 
-def _backward_batch(qb, kb, vb, dy, o, smax, ssum, visible, pse_b, scale, keep, keep_prob,
+def _backward_batch(qb, kb, vb, dy, o, smax, ssum, band, visible, pse_b, scale, keep, keep_prob,
                     invalid_line, prec):
     """Closed-form gradient with P rebuilt from the GIVEN softmax_max/sum and D from the GIVEN
     attention_in (NPU §9). Returns dq (N, Sq, D), dk, dv (Nkv, Skv, .), dS*scale (N, Sq, Skv)."""
@@ -530,11 +552,11 @@ def _backward_batch(qb, kb, vb, dy, o, smax, ssum, visible, pse_b, scale, keep, 
     kh, vh = np.repeat(prec(kb), groups, axis=0), np.repeat(prec(vb), groups, axis=0)
     dy, o = prec(dy), prec(o)
     s = _scores(qb, kh, pse_b, scale, visible, prec)
+    band = np.broadcast_to(band, s.shape)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        p = np.exp(s - smax[..., None]) / ssum[..., None]
-    if invalid_line:
-        p = np.where(~visible.any(axis=-1, keepdims=True), 0.0, p)
-    p = prec(p)
+        p = np.where(band, np.exp(s - smax[..., None]) / ssum[..., None], 0.0)
+    nothing = _nothing_to_attend(band, visible, invalid_line, smax.shape)
+    p = prec(np.where(nothing[..., None], 0.0, p))
     kept = np.ones_like(p) if keep is None else keep.astype(prec.wide)
     r = 1.0 / keep_prob
     dv = prec.mm(prec(p * kept * r).transpose(0, 2, 1), dy)            # dV = (P keep/kp)^T dY
@@ -542,7 +564,8 @@ def _backward_batch(qb, kb, vb, dy, o, smax, ssum, visible, pse_b, scale, keep, 
     dsum = prec(np.sum(dy * o, axis=-1, keepdims=True))                # D = rowsum(dY * O)
     ds = prec(p * prec(kept * dp * r - dsum))                          # dS = P (keep dP/kp - D)
     # Masked scores are the constant -FLT_MAX: they pass no gradient to Q, K or pse (this also
-    # makes a fully masked row, whose output is a plain mean of V, contribute only to dV).
+    # makes a row whose band keys are all masked, whose output is a plain mean of V over the
+    # band, contribute only to dV).
     ds = np.where(visible, ds, 0.0)
     dq = prec(scale * prec.mm(ds, kh))
     dk = prec(scale * prec.mm(ds.transpose(0, 2, 1), qb))
@@ -608,8 +631,9 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
             sums.append(np.zeros((prob.n, 0)))
             continue
         qb, kb, vb = prob.q_block(prob.q, b), prob.kv_block(prob.k, b), prob.kv_block(prob.v, b)
-        o, m, t = _forward_batch(qb, kb, vb, masking.visible(b), bias.values(b), float(scale),
-                                 sinks, None if keeps is None else keeps[b], keep_prob,
+        o, m, t = _forward_batch(qb, kb, vb, masking.band(b), masking.visible(b),
+                                 bias.values(b), float(scale), sinks,
+                                 None if keeps is None else keeps[b], keep_prob,
                                  masking.invalid_line, prec)
         prob.put(out, b, o)
         maxes.append(m)
@@ -689,7 +713,7 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
         smax = prob.stats_in(softmax_max, b, softmax_layout, "softmax_max")
         ssum = prob.stats_in(softmax_sum, b, softmax_layout, "softmax_sum")
         g_q, g_k, g_v, g_s = _backward_batch(
-            qb, kb, vb, dyb, ob, smax, ssum, masking.visible(b), bias.values(b),
+            qb, kb, vb, dyb, ob, smax, ssum, masking.band(b), masking.visible(b), bias.values(b),
             float(scale_value), None if keeps is None else keeps[b], keep_prob,
             masking.invalid_line, prec)
         prob.put(dq, b, g_q)

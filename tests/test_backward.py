@@ -13,46 +13,15 @@ precision (every intermediate rounded to it), plus a small absolute term.
 """
 import math
 
-import ml_dtypes
 import numpy as np
 import pytest
 
 import flash_attn_c as fa
-from flash_attn_c import _core, _runtime
+from flash_attn_c import _core
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
-DTYPES = {"f32": np.dtype(np.float32), "bf16": BF16, "f16": np.dtype(np.float16),
-          "f64": np.dtype(np.float64)}
+from conftest import DTYPES, ISAS, randn, using_isa, using_threads
+
 ATOL = {"f32": 1e-6, "bf16": 1e-4, "f16": 1e-5, "f64": 1e-12}
-_INFO = fa.cpu_info()
-ISAS = [i for i in ("scalar", "avx2", "avx512") if i in _INFO["supported"] and i in _INFO["compiled"]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def poison_outputs():
-    """Outputs start as NaN, so an element the kernels forget to write fails the comparison."""
-    old = _runtime.POISON_OUTPUTS
-    _runtime.POISON_OUTPUTS = True
-    yield
-    _runtime.POISON_OUTPUTS = old
-
-
-class settings:
-    """Temporarily select a kernel family and/or thread count."""
-
-    def __init__(self, isa=None, threads=None):
-        self.isa, self.threads = isa, threads
-
-    def __enter__(self):
-        self.old = (fa.cpu_info()["isa"], fa.get_num_threads())
-        if self.isa:
-            fa.set_isa(self.isa)
-        if self.threads:
-            fa.set_num_threads(self.threads)
-
-    def __exit__(self, *exc):
-        fa.set_isa(self.old[0])
-        fa.set_num_threads(self.old[1])
 
 
 # ---- the naive reference ------------------------------------------------------------------------
@@ -131,10 +100,6 @@ def rounder(dtype):
     if dtype == np.float64:
         return None
     return lambda x: np.asarray(x, np.float32).astype(dtype).astype(np.float32)
-
-
-def randn(rng, shape, dtype):
-    return rng.standard_normal(shape).astype(dtype)
 
 
 def assert_grad_close(name, got, ref, low, atol):
@@ -224,8 +189,8 @@ def test_grads(c, dname):
 @pytest.mark.parametrize("c", [CASES[1], CASES[4], CASES[9], CASES[11]], ids=case_id)
 def test_grads_every_isa(c, dname, isa):
     if isa not in ISAS:
-        pytest.skip(f"{isa}: not supported by this CPU or build ({_INFO})")
-    with settings(isa=isa):
+        pytest.skip(f"{isa}: not supported by this CPU or build ({fa.cpu_info()})")
+    with using_isa(isa):
         check_case(c, dname)
 
 
@@ -240,7 +205,7 @@ def test_threads_bitwise_identical(c):
     bit for bit (and so does every ISA with itself)."""
     results = []
     for threads in (1, 2):
-        with settings(threads=threads):
+        with using_threads(threads):
             _, out, grads, _ = run_case(c, np.float32, seed=5)
         results.append([out, *grads])
     for a, b in zip(*results):

@@ -244,6 +244,7 @@ TND_CASES = [  # (mode, lq, lk, pre, next)
     (3, (5, 8, 3), (7, 8, 6), 0, 0),
     (4, (5, 8, 3), (7, 8, 6), 4, 1),
     (6, (5, 8, 3), (7, 8, 6), 0, 0),
+    (6, (5, 9, 3), (7, 6, 6), 0, 0),  # batch 1: Sq > Skv with prefix 0, rows without keys
     (7, (5, 8, 3, 0), (7, 8, 6, 0), 9, -2),
     (8, (0, 5, 8, 3), (0, 7, 8, 6), 9, 1),
 ]
@@ -639,11 +640,9 @@ def test_errors_tnd():
 
 # ---- against flash_attn_c.reference (the shared naive oracle) -----------------------------------
 #
-# The shared reference and this front-end agree everywhere except in two places where the spec
-# leaves room, which the cases below avoid (and the report to the lead lists): a row whose every
-# visited score is masked averages V over the band's keys here (spec section 2, "visited
-# columns") but over all Skv keys in the reference; a row whose band is empty in prefix modes 5/6
-# gives 0 here and the mean of V there.
+# The cases include the spec's corners: rows whose band keys are all masked (V averaged over the
+# band, spec section 2 "visited columns"), rows of prefix modes 5/6 whose band is empty (output
+# 0), and TND masks read block-diagonally ([Tq, Tkv], [sum Sq, sum Skv]) or top-left.
 
 from flash_attn_c import reference, testing  # noqa: E402
 
@@ -653,6 +652,16 @@ def _ref_pair(*args, **kw):
     dtype = np.asarray(args[0]).dtype
     low = reference.npu_fusion_attention(*args, **kw, compute_dtype=dtype)
     return exact, low
+
+
+def _check_against_reference(args, kw):
+    """Output, softmax_max, softmax_sum and numels of ours against the reference's."""
+    got = npu_fusion_attention(*args, **kw)
+    exact, low = _ref_pair(*args, **kw)
+    testing.assert_attention_close(got[0], exact[0], reference_low_precision=low[0])
+    np.testing.assert_allclose(got[1], exact[1], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got[2], exact[2], rtol=2e-5, atol=2e-5)
+    assert got[6] == exact[6]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
@@ -666,17 +675,16 @@ def test_fixed_against_reference(case, layout, dtype):
     marg, _ = _mask_for(rng, mode, b, n, sq, sk, mshape)
     if mode in (0, 1, 5):
         marg = rng.random(marg.shape) < 0.1
-    prefix = [int(x) for x in rng.integers(max(sk - sq, 1), sk + 1, b)] if mode in (5, 6) else None
+        marg[..., 3, :] = True  # every band key of row 3 masked: V averaged over the band
+    prefix = None
+    if mode in (5, 6):  # prefix 0 with Sq > Skv: the top rows see no key (output 0)
+        rest = rng.integers(max(sk - sq, 0), sk + 1, b - 1)
+        prefix = [0 if sq > sk else sk - sq] + [int(x) for x in rest]
     pse = rand(rng, (1, n, 1, sk), dtype) if case % 2 else None
     args = tuple(to_layout(x, layout) for x in (q, k, v)) + (n, layout)
     kw = dict(atten_mask=marg, scale=d ** -0.5, pre_tockens=pre, next_tockens=nxt,
               sparse_mode=mode, prefix=prefix, pse=pse)
-    got = npu_fusion_attention(*args, **kw)
-    exact, low = _ref_pair(*args, **kw)
-    testing.assert_attention_close(got[0], exact[0], reference_low_precision=low[0])
-    np.testing.assert_allclose(got[1], exact[1], rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(got[2], exact[2], rtol=2e-5, atol=2e-5)
-    assert got[6] == exact[6]
+    _check_against_reference(args, kw)
 
 
 @pytest.mark.parametrize("softmax_layout", ["", "TND"])
@@ -686,22 +694,52 @@ def test_tnd_against_reference(case, softmax_layout):
     rng = np.random.default_rng(600 + case)
     dtype = DTYPES[case % 3]
     q, k, v, cq, ck = _tnd_data(rng, lq, lk, 4, 2, 8, dtype, extra_rows=3)
-    if mode in (0, 1):
+    if mode == 0:  # top-left window of a [maxSq, maxSkv] mask
         marg = rng.random((max(lq), max(lk))) < 0.1
+    elif mode == 1:  # block-diagonal: [Tq, Tkv] or [sum Sq, sum Skv]
+        shape = (q.shape[0], k.shape[0]) if softmax_layout else (sum(lq), sum(lk))
+        marg = rng.random(shape) < 0.1
     else:
         marg = np.zeros((3072, 2048) if mode == 6 else (2048, 2048), bool)
-    prefix = [max(lk[i] - lq[i], 0) + 1 for i in range(len(lq))] if mode == 6 else None
+    if mode in (0, 1):
+        marg[1] = True  # every band key of a row masked: V averaged over the band
+    prefix = [max(lk[i] - lq[i], 0) for i in range(len(lq))] if mode == 6 else None
     sink = rng.standard_normal(4).astype(np.float32) if case % 2 else None
     args = (q, k, v, 4, "TND")
     kw = dict(atten_mask=marg, scale=0.35, pre_tockens=pre, next_tockens=nxt, sparse_mode=mode,
               prefix=prefix, actual_seq_qlen=cq[1:].tolist(), actual_seq_kvlen=ck[1:].tolist(),
               softmax_layout=softmax_layout, sink=sink)
-    got = npu_fusion_attention(*args, **kw)
-    exact, low = _ref_pair(*args, **kw)
-    testing.assert_attention_close(got[0], exact[0], reference_low_precision=low[0])
-    np.testing.assert_allclose(got[1], exact[1], rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(got[2], exact[2], rtol=2e-5, atol=2e-5)
-    assert got[6] == exact[6]
+    _check_against_reference(args, kw)
+
+
+ROWS_WITHOUT_KEYS = [  # (sparse_mode, sq, sk, extra arguments): rows with nothing to attend to
+    (0, 9, 12, dict(pre_tockens=2, next_tockens=1)),   # row 4: band keys all masked
+    (0, 12, 9, dict(pre_tockens=2, next_tockens=1)),   # pre < Sq - Skv: automatic invalid lines
+    (3, 12, 9, dict()),                                # right-down causal, Sq > Skv: empty rows
+    (5, 12, 9, dict(prefix=[0, 4])),                   # batch 0: empty rows, row 4 all masked
+    (6, 12, 9, dict(prefix=[0, 4])),                   # batch 0: empty rows
+]
+
+
+@pytest.mark.parametrize("inner_precise", [0, 2])
+@pytest.mark.parametrize("with_sink", [False, True])
+@pytest.mark.parametrize("case", range(len(ROWS_WITHOUT_KEYS)))
+def test_rows_without_keys_against_reference(case, with_sink, inner_precise):
+    """Band keys all masked: V averaged over the band (0 in invalid-line mode); no band key: 0.
+    Statistics -FLT_MAX / band size / FLT_MAX, or the sink's own (sink, 1)."""
+    mode, sq, sk, extra = ROWS_WITHOUT_KEYS[case]
+    rng = np.random.default_rng(650 + case)
+    q, k, v = qkv(rng, (2, sq, 2, 8), (2, sk, 2, 8), np.float32)
+    if mode in (0, 5):
+        mask = rng.random((2, 1, sq, sk)) < 0.2
+        mask[:, :, 4] = True
+    else:
+        mask = np.triu(np.ones((2048, 2048), bool), 1) if mode == 3 else \
+            np.zeros((3072, 2048), bool)
+    sink = rng.standard_normal(2).astype(np.float32) if with_sink else None
+    _check_against_reference((q, k, v, 2, "BSND"), dict(
+        atten_mask=mask, scale=0.4, sparse_mode=mode, sink=sink, inner_precise=inner_precise,
+        **extra))
 
 
 @pytest.mark.parametrize("nkv", [3, 1])

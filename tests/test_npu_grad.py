@@ -66,13 +66,11 @@ def check(got, exact, low, q, k, v, pse):
 def mode_kwargs(mode, rng, b, h, sq, sk):
     """atten_mask / tockens / prefix for one sparse_mode (mask shapes vary by mode).
 
-    Random masks keep one key of each row's band visible: a row whose band keys are all masked
-    averages V over the keys the kernel visits (its band), which flash_attn_c.reference counts
-    differently (all Skv keys); test_fully_masked_rows covers such rows where the two agree."""
-    rows = np.arange(sq)
-    if mode == 0:  # full mask [Sq, Skv] plus a left-up band that always holds key min(i, Skv-1)
+    Full masks mask every band key of row 1 (V averaged over the band); prefix modes may draw
+    prefix 0 with Sq > Skv (the top rows see no key)."""
+    if mode == 0:  # full mask [Sq, Skv] plus a left-up band
         m = rng.random((sq, sk)) < 0.2
-        m[rows, np.minimum(rows, sk - 1)] = False
+        m[1] = True
         return dict(atten_mask=m, pre_tockens=4, next_tockens=2)
     if mode == 1:  # [B, 1, Sq, Skv] uint8
         return dict(atten_mask=(rng.random((b, 1, sq, sk)) < 0.3).astype(np.uint8))
@@ -80,13 +78,11 @@ def mode_kwargs(mode, rng, b, h, sq, sk):
         return dict(atten_mask=TRIU)
     if mode == 4:
         return dict(atten_mask=TRIU, pre_tockens=3, next_tockens=1)
-    # prefix >= 1: key 0 is visible in every row (rows above the right-down diagonal of Sq > Skv
-    # would otherwise see no key)
-    lo = 1 if sq > sk else sk - sq
-    prefix = rng.integers(max(lo, 1), sk + 1, size=b).tolist()
+    lo = 0 if sq > sk else sk - sq
+    prefix = [lo] + rng.integers(lo, sk + 1, size=b - 1).tolist()
     if mode == 5:  # [B, N, Sq, Skv]
         m = rng.random((b, h, sq, sk)) < 0.1
-        m[..., 0] = False
+        m[..., 1, :] = True
         return dict(atten_mask=m, prefix=prefix)
     return dict(atten_mask=PREFIX_MASK, prefix=prefix)
 
@@ -136,7 +132,7 @@ def test_mask_shapes(mask_shape, mode, mask_dtype):
     shape = {"BNSS": (b, h, sq, sk), "B1SS": (b, 1, sq, sk), "11SS": (1, 1, sq, sk),
              "SS": (sq, sk)}[mask_shape]
     mask = rng.random(shape) < 0.25
-    mask[..., np.arange(sq), np.arange(sq)] = False  # key i is inside mode 0's band of row i
+    mask[..., 2, :] = True  # every band key of row 2 masked: V averaged over the band
     run_grad(q, k, v, h, "BSND", rng=rng, atten_mask=mask.astype(mask_dtype), sparse_mode=mode,
              pre_tockens=5, next_tockens=3, scale=0.3)
 
@@ -163,6 +159,7 @@ def test_alibi_compressed_pse():
 TND_CASES = [  # (sparse_mode, softmax_layout, extra forward kwargs)
     (0, "", dict(atten_mask="window", pre_tockens=5, next_tockens=1)),
     (1, "TND", dict(atten_mask="block")),
+    (1, "", dict(atten_mask="blocksum")),
     (2, "", dict(atten_mask=TRIU)),
     (3, "TND", dict(atten_mask=TRIU)),
     (4, "", dict(atten_mask=TRIU, pre_tockens=3, next_tockens=2)),
@@ -186,12 +183,12 @@ def test_tnd(case):
     q, k = randn(rng, (tq, h, d), dtype), randn(rng, (tk, hk, d), dtype)
     v = randn(rng, (tk, hk, dv), dtype)
     kw = dict(extra)
-    if isinstance(kw.get("atten_mask"), str) and kw["atten_mask"] == "window":
-        kw["atten_mask"] = rng.random((max(lq), max(lk))) < 0.2
-    elif isinstance(kw.get("atten_mask"), str):  # "block"
-        # block-diagonal [sum Sq, sum Skv] (npu.py also takes [Tq, Tkv]; the reference reads
-        # that shape as the top-left window)
-        kw["atten_mask"] = rng.random((sum(lq), sum(lk))) < 0.2
+    # "window": top-left [maxSq, maxSkv]; block-diagonal "block" [Tq, Tkv] (T past the
+    # sequences) and "blocksum" [sum Sq, sum Skv]. Row 1 has every band key masked.
+    shape = {"window": (max(lq), max(lk)), "block": (tq, tk), "blocksum": (sum(lq), sum(lk))}
+    if isinstance(kw.get("atten_mask"), str):
+        kw["atten_mask"] = rng.random(shape[kw["atten_mask"]]) < 0.2
+        kw["atten_mask"][1] = True
     if kw.get("prefix") == "prefix":
         kw["prefix"] = [min(b, max(b - a, 0) + 1) for a, b in zip(lq, lk)]  # in [Skv-Sq, Skv]
     got, _ = run_grad(q, k, v, h, "TND", rng=rng, scale=0.3, sparse_mode=mode,
@@ -239,6 +236,27 @@ def test_sink():
     q, k, v = (randn(rng, (2, 9, 4, 8), np.float32) for _ in range(3))
     sink = rng.standard_normal(4).astype(np.float32)
     run_grad(q, k, v, 4, "BSND", rng=rng, sink=sink, scale=0.5, atten_mask=TRIU, sparse_mode=2)
+
+
+@pytest.mark.parametrize("inner_precise", [0, 2])
+@pytest.mark.parametrize("with_sink", [False, True])
+@pytest.mark.parametrize("mode", [0, 5, 6])
+def test_rows_without_keys(mode, with_sink, inner_precise):
+    """Rows whose band keys are all masked (mode 0/5: gradient to V only, or none in invalid-line
+    mode) and rows whose band is empty (prefix 0 with Sq > Skv: no gradient), with and without a
+    sink, against the reference grad."""
+    rng = np.random.default_rng(540 + mode)
+    q = randn(rng, (2, 12, 2, 8), np.float32)
+    k, v = (randn(rng, (2, 9, 2, 8), np.float32) for _ in range(2))
+    kw = dict(pre_tockens=3, next_tockens=2) if mode == 0 else dict(prefix=[0, 4])
+    if mode == 6:
+        mask = PREFIX_MASK
+    else:
+        mask = rng.random((2, 1, 12, 9)) < 0.2
+        mask[:, :, 5] = True
+    sink = rng.standard_normal(2).astype(np.float32) if with_sink else None
+    run_grad(q, k, v, 2, "BSND", rng=rng, atten_mask=mask, sparse_mode=mode, sink=sink,
+             inner_precise=inner_precise, scale=0.4, **kw)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -739,6 +739,77 @@ def test_auto_invalid_line_for_empty_band_rows():
     assert np.all(out[0, 0, 0] == 0) and np.all(out[0, 0, 3] == 0)
 
 
+def test_band_keys_all_masked_average_v_over_the_band():
+    # NPU §2 "visited columns": the softmax runs over the row's band; a row whose band keys are
+    # all masked averages V over the band, not over all Skv keys.
+    q, k, v = rnd(0, 1, 1, 4, 2), rnd(1, 1, 1, 6, 2), rnd(2, 1, 1, 6, 2)
+    mask = np.zeros((4, 6), bool)
+    mask[2] = True
+    out, mx, sm = ref.npu_fusion_attention(q, k, v, 1, "BNSD", atten_mask=mask, sparse_mode=0,
+                                           pre_tockens=1, next_tockens=1)[:3]
+    np.testing.assert_allclose(out[0, 0, 2], v[0, 0, 1:4].mean(axis=0), rtol=1e-14)
+    assert mx[0, 0, 2, 0] == -FLT_MAX and sm[0, 0, 2, 0] == 3
+    # mode 5, prefix 1: row 0 of a 4 x 6 matrix sees keys [0, 3) (right-down causal)
+    mask5 = np.zeros((1, 1, 4, 6), bool)
+    mask5[..., 0, :] = True
+    out, mx, sm = ref.npu_fusion_attention(q, k, v, 1, "BNSD", atten_mask=mask5, sparse_mode=5,
+                                           prefix=[1])[:3]
+    np.testing.assert_allclose(out[0, 0, 0], v[0, 0, :3].mean(axis=0), rtol=1e-14)
+    assert mx[0, 0, 0, 0] == -FLT_MAX and sm[0, 0, 0, 0] == 3
+    # the gradient: P is 1/3 on the band, so only dV receives dy / 3 from that row
+    dy = rnd(3, 1, 1, 4, 2)
+    dq, dk, dv, _ = ref.npu_fusion_attention_grad(q, k, v, dy, 1, "BNSD", atten_mask=mask5,
+                                                  sparse_mode=5, prefix=[1])
+    dy0 = dy.copy()
+    dy0[0, 0, 0] = 0
+    dq0, dk0, dv0, _ = ref.npu_fusion_attention_grad(q, k, v, dy0, 1, "BNSD", atten_mask=mask5,
+                                                     sparse_mode=5, prefix=[1])
+    assert np.all(dq[0, 0, 0] == 0)
+    np.testing.assert_allclose(dk, dk0, rtol=1e-14)
+    np.testing.assert_allclose(dv - dv0, np.where(np.arange(6)[:, None] < 3, dy[0, 0, 0] / 3, 0)
+                               [None, None], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", [5, 6])
+def test_prefix_rows_without_keys_give_zero(mode):
+    # Sq > Skv with prefix 0: the band of rows i < Sq - Skv is empty -> output 0 and the NPU's
+    # invalid-line statistics; with a sink, the sink's own (max = sink, sum = 1).
+    q, k, v = rnd(0, 1, 2, 6, 2), rnd(1, 1, 2, 4, 2), rnd(2, 1, 2, 4, 2)
+    mask = np.zeros((1, 1, 6, 4), bool) if mode == 5 else np.zeros((3072, 2048), bool)
+    kw = dict(atten_mask=mask, sparse_mode=mode, prefix=[0])
+    out, mx, sm = ref.npu_fusion_attention(q, k, v, 2, "BNSD", **kw)[:3]
+    assert np.all(out[0, :, :2] == 0) and np.all(out[0, :, 2:] != 0)
+    assert np.all(mx[0, :, :2] == -FLT_MAX) and np.all(sm[0, :, :2] == FLT_MAX)
+    sink = np.array([0.5, -1.0])
+    out, mx, sm = ref.npu_fusion_attention(q, k, v, 2, "BNSD", sink=sink, **kw)[:3]
+    assert np.all(out[0, :, :2] == 0)
+    np.testing.assert_array_equal(mx[0, :, :2, 0], np.repeat(sink[:, None], 2, axis=1))
+    assert np.all(sm[0, :, :2] == 1)
+    dq = ref.npu_fusion_attention_grad(q, k, v, rnd(3, 1, 2, 6, 2), 2, "BNSD", **kw)[0]
+    assert np.all(dq[0, :, :2] == 0)
+
+
+def test_tnd_mask_block_diagonal_or_top_left():
+    # [Tq, Tkv] (T past the sequences) and [sum Sq, sum Skv] with B > 1 are block-diagonal;
+    # any other mask of at least [max Sq, max Skv] gives every batch its top-left corner.
+    lq, lk = [2, 3], [3, 4]
+    q, k, v = rnd(0, 6, 1, 2), rnd(1, 8, 1, 2), rnd(2, 8, 1, 2)
+    kw = dict(actual_seq_qlen=[2, 5], actual_seq_kvlen=[3, 7], sparse_mode=1)
+    rng = np.random.default_rng(4)
+    for shape in ((6, 8), (5, 7), (3, 4), (4, 6)):
+        mask = rng.random(shape) < 0.4
+        out = ref.npu_fusion_attention(q, k, v, 1, "TND", atten_mask=mask, **kw)[0]
+        block = shape in ((6, 8), (5, 7))
+        for b, (q0, k0) in enumerate([(0, 0), (2, 3)]):
+            mb = mask[q0:q0 + lq[b], k0:k0 + lk[b]] if block else mask[:lq[b], :lk[b]]
+            qb, kb, vb = (x[o:o + n].transpose(1, 0, 2)[None]
+                          for x, o, n in ((q, q0, lq[b]), (k, k0, lk[b]), (v, k0, lk[b])))
+            want = ref.npu_fusion_attention(qb, kb, vb, 1, "BNSD", atten_mask=mb,
+                                            sparse_mode=1)[0]
+            np.testing.assert_allclose(out[q0:q0 + lq[b]], want[0].transpose(1, 0, 2),
+                                       rtol=1e-14, err_msg=str(shape))
+
+
 def test_sink_is_an_extra_logit():
     q = np.array([1.0]).reshape(1, 1, 1, 1)
     k = np.array([0.0, math.log(3)]).reshape(1, 1, 2, 1)
