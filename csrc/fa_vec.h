@@ -123,13 +123,45 @@ FA_INLINE acc_t sexp_nonpos(acc_t x)
     return v[0];
 }
 
-/* tanh through exp(-2|y|): tanh(|y|) = (1 - t) / (1 + t). */
+/* expm1(x) for x <= 0, accurate to a few ulp relative even for tiny |x| (where exp(x) - 1 would
+ * cancel): with x = n ln2 + r as in vexp_nonpos and q = expm1(r) from its Taylor series (no
+ * leading 1, so nothing cancels), expm1(x) = 2^n q + (2^n - 1), exact scaling plus one rounding.
+ * Below EXP_LO the result is -1. */
+FA_INLINE vec_t vexpm1_nonpos(vec_t x)
+{
+#if FA_ACC_IS_DOUBLE
+    const acc_t magic = 6755399441055744.0, log2e = 1.4426950408889634;
+    const acc_t ln2_hi = 6.93147180369123816490e-01, ln2_lo = -1.90821492927058770002e-10;
+    const int terms = 14, bias = 1023, shift = 52;
+#else
+    const acc_t magic = 12582912.0f, log2e = 1.44269504f;
+    const acc_t ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    const int terms = 9, bias = 127, shift = 23;
+#endif
+    veci_t under = x < (acc_t)EXP_LO;
+    x = vsel(under, vsplat(EXP_LO), x);
+    vec_t t = x * log2e + magic;
+    vec_t n = t - magic;
+    vec_t r = x - n * ln2_hi;
+    r = r - n * ln2_lo;
+    /* q = r (1 + r/2 (1 + r/3 (1 + ... (1 + r/terms)))): the Taylor series of expm1, Horner form. */
+    vec_t q = vsplat(1);
+    for (int i = terms; i >= 2; i--)
+        q = q * (r * (acc_t)(1.0 / i)) + (acc_t)1;
+    q = q * r;
+    vec_t s = (vec_t)(((veci_t)t - (veci_t)vsplat(magic) + bias) << shift); /* 2^n */
+    vec_t y = s * q + (s - (acc_t)1);
+    return vsel(under, vsplat(-1), y);
+}
+
+/* tanh(|y|) = -e / (2 + e) with e = expm1(-2|y|) in (-1, 0]: accurate relative to tanh itself near
+ * 0 (no 1 - t cancellation), no overflow for any y. */
 FA_INLINE vec_t vtanh(vec_t y)
 {
     veci_t neg = y < (acc_t)0;
     vec_t a = vsel(neg, -y, y);
-    vec_t t = vexp_nonpos(a * (acc_t)-2);
-    vec_t r = ((acc_t)1 - t) / ((acc_t)1 + t);
+    vec_t e = vexpm1_nonpos(a * (acc_t)-2);
+    vec_t r = -e / ((acc_t)2 + e);
     return vsel(neg, -r, r);
 }
 
