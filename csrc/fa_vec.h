@@ -131,11 +131,11 @@ FA_INLINE vec_t vexpm1_nonpos(vec_t x)
 {
 #if FA_ACC_IS_DOUBLE
     const acc_t magic = 6755399441055744.0, log2e = 1.4426950408889634;
-    const acc_t ln2_hi = 6.93147180369123816490e-01, ln2_lo = -1.90821492927058770002e-10;
+    const acc_t ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10; /* ln2 = hi + lo */
     const int terms = 14, bias = 1023, shift = 52;
 #else
     const acc_t magic = 12582912.0f, log2e = 1.44269504f;
-    const acc_t ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    const acc_t ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f; /* ln2 = hi + lo */
     const int terms = 9, bias = 127, shift = 23;
 #endif
     veci_t under = x < (acc_t)EXP_LO;
