@@ -699,17 +699,18 @@ def run_decode(case, dt, causal, cfg):
     return res
 
 
-def run_memory(case, cfg, progress):
-    """M1: peak extra bytes, each (implementation, S) in a fresh process (memory_probe.py)."""
+def run_memory(case, cfg, progress, which="fwd"):
+    """M1: peak extra bytes, each (implementation, S) in a fresh process (memory_probe.py), of the
+    forward (which="fwd") or of the backward (which="bwd")."""
     rows = []
     impls = ["ours"] + (["torch"] if torch is not None else [])
     for s in cfg.mem_lengths:
         row = {"S": s, "naive_bytes": 4.0 * case.b * case.hq * s * s}
         for impl in impls:
-            progress.describe(f"M1 {impl} S={s}")
+            progress.describe(f"M1 {which} {impl} S={s}")
             cmd = [sys.executable, os.path.join(HERE, "memory_probe.py"), "--impl", impl,
                    "--seqlen", str(s), "--heads", str(case.hq), "--dim", str(case.d),
-                   "--threads", str(cfg.threads)]
+                   "--threads", str(cfg.threads), "--pass", which]
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -868,8 +869,9 @@ def peaks_lines(peaks, threads, probes_notes):
     return lines
 
 
-def memory_section(case, rows, naive_limit):
-    lines = [f"## M1: {case.title} ({case.shape_text()}, causal, f32)", "",
+def memory_section(case, rows, naive_limit, which="fwd"):
+    title = "forward" if which == "fwd" else "backward (gradients dq, dk, dv count as outputs)"
+    lines = [f"## M1 {title}: {case.title} ({case.shape_text()}, causal, f32)", "",
              "Each value is measured in a fresh process: VmHWM after one call minus VmRSS "
              "before it, minus the output (bytes beyond inputs and outputs). "
              "Growth column: extra bytes relative to the smallest S (linear growth doubles "
@@ -1007,7 +1009,7 @@ def run_benchmarks(args, mode, cfg, machine, peaks, probes_notes):
     work = []
     for case in cases:
         if case.kind == "memory":
-            work.append((case, None, None, len(cfg.mem_lengths) * (2 if torch else 1)))
+            work.append((case, None, None, 2 * len(cfg.mem_lengths) * (2 if torch else 1)))
         elif case.kind == "sweep":
             for s in cfg.sweep:
                 for dt, c in variants(case, dtypes):
@@ -1016,12 +1018,15 @@ def run_benchmarks(args, mode, cfg, machine, peaks, probes_notes):
             for dt, c in variants(case, dtypes):
                 work.append((case, dt, c, 1))
     progress = Progress(sum(w[3] for w in work))
-    results, memory_rows, sweep = {}, None, []
+    results, memory_rows, memory_bwd_rows, sweep = {}, None, None, []
     failed = False
     for case, dt, causal, _ in work:
         if case.kind == "memory":
             memory_rows = run_memory(case, cfg, progress)
+            memory_bwd_rows = run_memory(case, cfg, progress, "bwd")
             for line in memory_section(case, memory_rows, cfg.naive_limit)[4:]:
+                progress.write(line)
+            for line in memory_section(case, memory_bwd_rows, cfg.naive_limit, "bwd")[4:]:
                 progress.write(line)
             continue
         if case.kind == "sweep":
@@ -1062,6 +1067,7 @@ def run_benchmarks(args, mode, cfg, machine, peaks, probes_notes):
                 out += [""] + [f"- {n}" for n in notes]
         elif case.kind == "memory" and memory_rows is not None:
             out += [""] + memory_section(case, memory_rows, cfg.naive_limit)
+            out += [""] + memory_section(case, memory_bwd_rows, cfg.naive_limit, "bwd")
         elif case.kind == "sweep" and sweep:
             rows = table_head(False, first=["S"])
             for r in sweep:

@@ -11,7 +11,11 @@ i.e. every byte the call touched beyond its inputs and output (workspace, tempor
 stacks, a full score matrix if there is one). Where clear_refs is not writable, a thread samples
 VmRSS every 0.2 ms instead (it can miss a short spike; the JSON says which method ran).
 
-Prints one JSON line: impl, seqlen, extra_bytes, io_bytes, seconds, method.
+With --pass bwd the measured call is the backward instead (issue: memory of the backward at long
+S): the forward runs first, outside the measurement, and the gradients dq, dk, dv count as
+outputs.
+
+Prints one JSON line: impl, pass, seqlen, extra_bytes, io_bytes, seconds, method.
 """
 import argparse
 import gc
@@ -71,6 +75,7 @@ def main():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--pass", dest="which", choices=["fwd", "bwd"], default="fwd")
     a = p.parse_args()
 
     import numpy as np
@@ -78,22 +83,42 @@ def main():
     shape = (1, a.seqlen, a.heads, a.dim)
     q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
     io_bytes = 4 * q.nbytes  # q, k, v and the output
+    out_bytes = q.nbytes
+    bwd = a.which == "bwd"
 
     if a.impl == "ours":
         import flash_attn_c as fa
         fa.set_num_threads(a.threads)
+        if bwd:
+            do = rng.standard_normal(shape, dtype=np.float32)
+            o, lse, _ = fa.flash_attn_fwd(q, k, v, causal=True)
+            io_bytes = 8 * q.nbytes  # q, k, v, out, dout and dq, dk, dv
+            out_bytes = 3 * q.nbytes
 
-        def call():
-            return fa.flash_attn_func(q, k, v, causal=True)
+            def call():
+                return fa.flash_attn_bwd(do, q, k, v, o, lse, causal=True)
+        else:
+            def call():
+                return fa.flash_attn_func(q, k, v, causal=True)
     else:
         import torch
         import torch.nn.functional as F
         torch.set_num_threads(a.threads)
         tq, tk, tv = (torch.from_numpy(x).transpose(1, 2) for x in (q, k, v))
+        if bwd:
+            for t in (tq, tk, tv):
+                t.requires_grad_()
+            tdo = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).transpose(1, 2)
+            to = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+            io_bytes = 8 * q.nbytes
+            out_bytes = 3 * q.nbytes
 
-        def call():
-            with torch.no_grad():
-                return F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+            def call():
+                return torch.autograd.grad(to, (tq, tk, tv), tdo)
+        else:
+            def call():
+                with torch.no_grad():
+                    return F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
 
     gc.collect()
     sampler = None
@@ -107,9 +132,9 @@ def main():
     out = call()
     seconds = time.perf_counter() - t0
     peak = sampler.stop() if sampler is not None else status_bytes("VmHWM")
-    extra = peak - rss0 - q.nbytes  # the output has the shape and dtype of q
+    extra = peak - rss0 - out_bytes  # outputs: out (fwd) or dq, dk, dv (bwd), each q's size
     del out
-    print(json.dumps(dict(impl=a.impl, seqlen=a.seqlen, extra_bytes=int(extra),
+    print(json.dumps(dict(impl=a.impl, pass_=a.which, seqlen=a.seqlen, extra_bytes=int(extra),
                           io_bytes=int(io_bytes), seconds=seconds, method=method)))
 
 
