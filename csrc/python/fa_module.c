@@ -11,12 +11,12 @@
 #include <numpy/arrayobject.h>
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "../fa_aux.h"
 #include "../fa_kernels.h"
 #include "../fa_params.h"
-#include "../fa_seq.h"
 #include "../fa_bwd_params.h"
 
 static PyArray_Descr *bf16_descr = NULL; /* ml_dtypes.bfloat16, registered at import */
@@ -197,6 +197,388 @@ static int aux4(PyObject *obj, const char *name, int64_t b, int64_t h, int64_t r
     return elem_strides(*arr, name, 0, st);
 }
 
+/* ---- options shared by fwd and bwd ------------------------------------------------------------ */
+
+/* The keywords fwd and bwd both take, parsed straight into one struct so that each of their
+ * checks below exists once. Objects start as None and scalars at the Python API's defaults. */
+typedef struct {
+    double scale, softcap, dropout_p, mask_fill;
+    int anchor_br, invalid_line_zero;
+    unsigned long long seed, offset;
+    PyObject *left, *right, *alibi, *cu_q, *cu_k, *pse, *mask, *sink, *prefix;
+} attn_args;
+
+static void attn_args_init(attn_args *c)
+{
+    memset(c, 0, sizeof *c);
+    c->mask_fill = -INFINITY;
+    c->anchor_br = 1;
+    c->left = c->right = c->alibi = c->cu_q = c->cu_k = Py_None;
+    c->pse = c->mask = c->sink = c->prefix = Py_None;
+}
+
+/* One rank-4 tensor argument of fwd or bwd: its name, whether its shape is k's (else q's), and
+ * whether the kernel writes it. */
+typedef struct {
+    const char *name;
+    int like_k, output;
+} tensor_spec;
+
+/* The n rank-4 tensors of a call, q, k and v at positions qi, qi + 1 and qi + 2: all of q's float
+ * dtype, element strides with the last dim contiguous, outputs writable, each of q's or k's
+ * shape, and a head geometry the kernels support. Fills p's dtype, sizes and q/k/v views; a[i]
+ * and st[i] receive tensor i and its element strides for the caller's own views. */
+static int attn_tensors(PyObject *const *ob, const tensor_spec *spec, int n, int qi,
+                        fa_fwd_params *p, PyArrayObject **a, int64_t (*st)[4])
+{
+    int err;
+    for (int i = 0; i < n; i++) {
+        a[i] = as_array(ob[i], spec[i].name, 4, 0, &err);
+        if (err)
+            return -1;
+    }
+    fa_dtype t;
+    if (dtype_of(a[qi], &t) < 0) {
+        PyErr_SetString(PyExc_TypeError, "q: expected dtype float32, float16, bfloat16 or float64");
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        fa_dtype u;
+        if (dtype_of(a[i], &u) < 0 || u != t) {
+            PyErr_Format(PyExc_TypeError, "%s: expected dtype %s (the dtype of q)", spec[i].name,
+                         dtype_name(t));
+            return -1;
+        }
+    }
+    for (int i = 0; i < n; i++)
+        if (spec[i].output && writable(a[i], spec[i].name) < 0)
+            return -1;
+    for (int i = 0; i < n; i++)
+        if (elem_strides(a[i], spec[i].name, 1, st[i]) < 0)
+            return -1;
+    npy_intp *qs = PyArray_DIMS(a[qi]), *ks = PyArray_DIMS(a[qi + 1]);
+    for (int i = 0; i < n; i++) {
+        /* Equal shapes are what lets the kernels address every tensor with q's or k's sizes. */
+        if (memcmp(PyArray_DIMS(a[i]), spec[i].like_k ? ks : qs, 4 * sizeof(npy_intp)) != 0) {
+            PyErr_Format(PyExc_ValueError, "%s: must have the shape of %s", spec[i].name,
+                         spec[i].like_k ? "k" : "q");
+            return -1;
+        }
+    }
+    p->dtype = t;
+    p->d = qs[3];
+    p->h = qs[2];
+    p->hk = ks[2];
+    if (ks[3] != p->d) {
+        PyErr_Format(PyExc_ValueError, "k: head dim %zd differs from q's %lld", ks[3], (long long)p->d);
+        return -1;
+    }
+    if (p->d < 1 || p->d > 512) {
+        PyErr_Format(PyExc_ValueError, "q: head dim must be in [1, 512], got %lld", (long long)p->d);
+        return -1;
+    }
+    if (p->hk < 1 || p->h % p->hk != 0) {
+        PyErr_Format(PyExc_ValueError, "k: %lld kv heads must divide the %lld query heads",
+                     (long long)p->hk, (long long)p->h);
+        return -1;
+    }
+    p->q = (fa_view){PyArray_DATA(a[qi]), st[qi][0], st[qi][1], st[qi][2]};
+    p->k = (fa_view){PyArray_DATA(a[qi + 1]), st[qi + 1][0], st[qi + 1][1], st[qi + 1][2]};
+    p->v = (fa_view){PyArray_DATA(a[qi + 2]), st[qi + 2][0], st[qi + 2][1], st[qi + 2][2]};
+    return 0;
+}
+
+/* The scalar options: score definition, band and dropout. */
+static int attn_scalars(const attn_args *c, fa_fwd_params *p)
+{
+    p->scale = c->scale;
+    p->softcap = c->softcap;
+    p->anchor_br = c->anchor_br;
+    p->mask_fill = c->mask_fill;
+    p->invalid_line_zero = c->invalid_line_zero;
+    /* Written as a negation so that NaN is rejected too. */
+    if (!(c->dropout_p >= 0.0 && c->dropout_p < 1.0)) {
+        /* PyErr_Format has no float conversion: format the received value here. */
+        char got[32];
+        snprintf(got, sizeof got, "%g", c->dropout_p);
+        PyErr_Format(PyExc_ValueError, "dropout_p: must be in [0, 1), got %s", got);
+        return -1;
+    }
+    p->dropout_p = c->dropout_p;
+    p->seed = c->seed;
+    p->offset = c->offset;
+    p->left = c->left == Py_None ? FA_UNBOUNDED : PyLong_AsLongLong(c->left);
+    p->right = c->right == Py_None ? FA_UNBOUNDED : PyLong_AsLongLong(c->right);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* Batch geometry: p's b, sq, sk and the index arrays (cu_seqlens, seqlen_k, k_start, k_batch_idx,
+ * block_table, prefix), each checked so that every logical key of every sequence maps inside k/v
+ * (qs, ks: q's and k's dims). bwd passes None for the kvcache-only arrays and sets k_exact: it
+ * writes dk/dv over all of k's rows, so its k must be q's batch (1 when packed), where the
+ * forward only reads the batches its sequences use. */
+static int attn_geometry(fa_fwd_params *p, const attn_args *c, PyObject *oseqk, PyObject *okstart,
+                         PyObject *okbidx, PyObject *obt, const npy_intp *qs, const npy_intp *ks,
+                         int k_exact)
+{
+    int err;
+    int varlen = c->cu_q != Py_None;
+    if (varlen) {
+        PyArrayObject *cq = as_array(c->cu_q, "cu_seqlens_q", 1, 0, &err);
+        if (err)
+            return -1;
+        p->b = PyArray_DIM(cq, 0) - 1;
+        if (p->b < 0 || qs[0] != 1 || (k_exact && ks[0] != 1)) {
+            PyErr_SetString(PyExc_ValueError,
+                            k_exact ? "cu_seqlens_q: needs at least one entry and q, k of batch 1"
+                                    : "cu_seqlens_q: needs at least one entry and q of batch 1");
+            return -1;
+        }
+        if (index_array(c->cu_q, "cu_seqlens_q", p->b + 1, &p->cu_q) < 0 ||
+            check_cu(p->cu_q, "cu_seqlens_q", p->b, qs[1]) < 0)
+            return -1;
+        p->sq = 0;
+        for (int64_t i = 0; i < p->b; i++)
+            if (p->cu_q[i + 1] - p->cu_q[i] > p->sq)
+                p->sq = p->cu_q[i + 1] - p->cu_q[i];
+    } else {
+        p->b = qs[0];
+        p->sq = qs[1];
+    }
+    if (index_array(c->cu_k, "cu_seqlens_k", p->b + 1, &p->cu_k) < 0)
+        return -1;
+    if (p->cu_k && !varlen) {
+        PyErr_SetString(PyExc_ValueError, "cu_seqlens_k: given without cu_seqlens_q");
+        return -1;
+    }
+    if (varlen && !p->cu_k && obt == Py_None && oseqk == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "cu_seqlens_k: required with cu_seqlens_q");
+        return -1;
+    }
+    if (index_array(oseqk, "seqlen_k", p->b, &p->seqlen_k) < 0 ||
+        index_array(okstart, "k_start", p->b, &p->k_start) < 0 ||
+        index_array(okbidx, "k_batch_idx", p->b, &p->k_batch_idx) < 0 ||
+        index_array(c->prefix, "prefix", p->b, &p->prefix) < 0)
+        return -1;
+
+    PyArrayObject *bt = as_array(obt, "block_table", 2, 1, &err);
+    if (err)
+        return -1;
+    if (bt) {
+        if (check_dtype(bt, "block_table", NPY_INT64) < 0)
+            return -1;
+        if (!PyArray_IS_C_CONTIGUOUS(bt) || PyArray_DIM(bt, 0) != p->b) {
+            PyErr_Format(PyExc_ValueError, "block_table: expected a contiguous (%lld, max_blocks) array",
+                         (long long)p->b);
+            return -1;
+        }
+        if (p->cu_k || p->k_batch_idx) {
+            PyErr_SetString(PyExc_ValueError, "block_table: cannot be combined with cu_seqlens_k or cache_batch_idx");
+            return -1;
+        }
+        p->block_table = (const int64_t *)PyArray_DATA(bt);
+        p->bt_stride = PyArray_DIM(bt, 1);
+        p->page = ks[1];
+        int64_t nblk = ks[0];
+        for (int64_t i = 0; i < p->b * p->bt_stride; i++) {
+            if (p->block_table[i] < 0 || p->block_table[i] >= nblk) {
+                PyErr_Format(PyExc_ValueError, "block_table: entry %lld out of range [0, %lld)",
+                             (long long)p->block_table[i], (long long)nblk);
+                return -1;
+            }
+        }
+        /* k may be a zero-stride view with a huge page: keep the key capacity an int64. */
+        if (p->page > 0 && p->bt_stride > INT64_MAX / p->page) {
+            PyErr_Format(PyExc_ValueError, "block_table: %lld blocks of %lld keys overflow int64",
+                         (long long)p->bt_stride, (long long)p->page);
+            return -1;
+        }
+        p->sk = p->bt_stride * p->page;
+    } else {
+        p->sk = p->cu_k ? 0 : ks[1];
+    }
+    int64_t kcap_rows = bt ? p->bt_stride * p->page : ks[1];
+    if (p->cu_k && check_cu(p->cu_k, "cu_seqlens_k", p->b, ks[1]) < 0)
+        return -1;
+    /* Batch i reads k's batch i here; with no sequence (b = 0) the forward reads none. */
+    if (!varlen && !bt && !p->k_batch_idx && ks[0] != qs[0] && (k_exact || p->b > 0)) {
+        PyErr_Format(PyExc_ValueError, "k: batch %zd differs from q's %zd", ks[0], qs[0]);
+        return -1;
+    }
+    int64_t max_sk = 0;
+    for (int64_t i = 0; i < p->b; i++) {
+        if (p->k_batch_idx && (p->k_batch_idx[i] < 0 || p->k_batch_idx[i] >= ks[0])) {
+            PyErr_Format(PyExc_ValueError, "cache_batch_idx: entry %lld out of range [0, %zd)",
+                         (long long)p->k_batch_idx[i], ks[0]);
+            return -1;
+        }
+        if (p->seqlen_k && p->seqlen_k[i] < 0) {
+            PyErr_SetString(PyExc_ValueError, "seqlen_k: entries must be >= 0");
+            return -1;
+        }
+        if (p->k_start && p->k_start[i] < 0) {
+            PyErr_SetString(PyExc_ValueError, "k_start: entries must be >= 0");
+            return -1;
+        }
+        /* Sequence i uses physical key rows [row0 + k_start, row0 + k_start + sk), as fa_seq_of
+         * computes them. k_start and seqlen_k come unchecked from the caller: their sum is formed
+         * in unsigned arithmetic, where two int64 values >= 0 cannot wrap, so a huge entry cannot
+         * overflow past the check (fa_seq_of's signed sum would). row0 <= limit always. */
+        int64_t row0 = p->cu_k ? p->cu_k[i] : 0;
+        int64_t sk = p->seqlen_k ? p->seqlen_k[i] : p->cu_k ? p->cu_k[i + 1] - row0 : p->sk;
+        uint64_t need = (uint64_t)(p->k_start ? p->k_start[i] : 0) + (uint64_t)sk;
+        int64_t limit = p->cu_k ? p->cu_k[i + 1] : kcap_rows;
+        if (p->cu_k && p->seqlen_k)
+            limit = ks[1];
+        if (need > (uint64_t)(limit - row0)) {
+            uint64_t end = need > UINT64_MAX - (uint64_t)row0 ? UINT64_MAX : (uint64_t)row0 + need;
+            PyErr_Format(PyExc_ValueError,
+                         "k: sequence %lld needs key rows up to %llu but only %lld exist", (long long)i,
+                         (unsigned long long)end, (long long)limit);
+            return -1;
+        }
+        if (sk > max_sk)
+            max_sk = sk;
+    }
+    if (p->cu_k || p->seqlen_k || bt)
+        p->sk = max_sk;
+    return 0;
+}
+
+/* A 3-D statistics array (lse, rowmax, rowsum) of shape (n0, h, n2) in the accumulator dtype,
+ * writable when the kernel writes it. */
+static int stat_array(PyArrayObject *a, const char *name, int64_t n0, int64_t h, int64_t n2,
+                      fa_dtype t, int output, int64_t *st)
+{
+    npy_intp *ls = PyArray_DIMS(a);
+    if (ls[0] != n0 || ls[1] != h || ls[2] != n2) {
+        PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld, %lld), got (%zd, %zd, %zd)",
+                     name, (long long)n0, (long long)h, (long long)n2, ls[0], ls[1], ls[2]);
+        return -1;
+    }
+    if (PyArray_TYPE(a) != (t == FA_F64 ? NPY_FLOAT64 : NPY_FLOAT32)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected float32 (float64 for float64 inputs)", name);
+        return -1;
+    }
+    if (output && writable(a, name) < 0)
+        return -1;
+    return elem_strides(a, name, 0, st);
+}
+
+/* Softmax statistics as the kernels address them: lse and/or the NPU's rowmax with rowsum. */
+typedef struct {
+    void *lse, *rowmax, *rowsum;
+    int64_t lse_st[3], stat_st[3];
+} attn_stats;
+
+/* The forward writes either form or both, each optional (output set); the backward reads exactly
+ * one. Shape (b, h, sq), or (1, h, total_q) when packed (rows = q's dim 1). */
+static int attn_statistics(PyObject *olse, PyObject *ormax, PyObject *orsum, const fa_fwd_params *p,
+                           int64_t rows, int output, attn_stats *s)
+{
+    int err;
+    memset(s, 0, sizeof *s);
+    PyArrayObject *lse = as_array(olse, "lse", 3, 1, &err);
+    if (err)
+        return -1;
+    PyArrayObject *rmax = as_array(ormax, "rowmax", 3, 1, &err);
+    if (err)
+        return -1;
+    PyArrayObject *rsum = as_array(orsum, "rowsum", 3, 1, &err);
+    if (err)
+        return -1;
+    if ((rmax == NULL) != (rsum == NULL)) {
+        PyErr_SetString(PyExc_ValueError, output ? "rowmax and rowsum: give both or neither"
+                                                 : "softmax statistics: give lse, or both rowmax and rowsum");
+        return -1;
+    }
+    if (!output && (lse != NULL) == (rmax != NULL)) {
+        PyErr_SetString(PyExc_ValueError, "softmax statistics: give lse, or both rowmax and rowsum");
+        return -1;
+    }
+    int64_t n0 = p->cu_q ? 1 : p->b, n2 = p->cu_q ? rows : p->sq;
+    if (lse) {
+        if (stat_array(lse, "lse", n0, p->h, n2, p->dtype, output, s->lse_st) < 0)
+            return -1;
+        s->lse = PyArray_DATA(lse);
+    }
+    if (rmax) {
+        int64_t st2[3];
+        if (stat_array(rmax, "rowmax", n0, p->h, n2, p->dtype, output, s->stat_st) < 0 ||
+            stat_array(rsum, "rowsum", n0, p->h, n2, p->dtype, output, st2) < 0)
+            return -1;
+        /* The kernels address both with one set of strides. */
+        if (memcmp(s->stat_st, st2, sizeof st2) != 0) {
+            PyErr_SetString(PyExc_ValueError, "rowmax and rowsum: must have the same strides");
+            return -1;
+        }
+        s->rowmax = PyArray_DATA(rmax);
+        s->rowsum = PyArray_DATA(rsum);
+    }
+    return 0;
+}
+
+/* Score terms: alibi slopes, sink logits, pse bias and explicit mask. pse and mask have one batch
+ * when packed and must cover every (row, key) of the longest sequence. */
+static int attn_score_terms(fa_fwd_params *p, const attn_args *c)
+{
+    int err;
+    PyArrayObject *al = as_array(c->alibi, "alibi_slopes", 2, 1, &err);
+    if (err)
+        return -1;
+    if (al) {
+        int64_t st[2];
+        if (check_dtype(al, "alibi_slopes", NPY_FLOAT32) < 0 ||
+            elem_strides(al, "alibi_slopes", 1, st) < 0)
+            return -1;
+        if (PyArray_DIM(al, 0) != p->b || PyArray_DIM(al, 1) != p->h) {
+            PyErr_Format(PyExc_ValueError, "alibi_slopes: expected (broadcast) shape (%lld, %lld)",
+                         (long long)p->b, (long long)p->h);
+            return -1;
+        }
+        p->alibi = (const float *)PyArray_DATA(al);
+        p->alibi_sb = st[0];
+    }
+    PyArrayObject *sk_arr = as_array(c->sink, "sink", 1, 1, &err);
+    if (err)
+        return -1;
+    if (sk_arr) {
+        if (check_dtype(sk_arr, "sink", NPY_FLOAT32) < 0)
+            return -1;
+        if (!PyArray_IS_C_CONTIGUOUS(sk_arr) || PyArray_DIM(sk_arr, 0) != p->h) {
+            PyErr_Format(PyExc_ValueError, "sink: expected a contiguous array of length %lld",
+                         (long long)p->h);
+            return -1;
+        }
+        p->sink = (const float *)PyArray_DATA(sk_arr);
+    }
+
+    int64_t st4[4];
+    PyArrayObject *pse_arr, *mask_arr;
+    int64_t qb = p->cu_q ? 1 : p->b;
+    if (aux4(c->pse, "pse", qb, p->h, p->sq, p->sk, &pse_arr, st4) < 0)
+        return -1;
+    if (pse_arr) {
+        if (dtype_of(pse_arr, &p->pse_dtype) < 0) {
+            PyErr_SetString(PyExc_TypeError, "pse: expected a floating dtype");
+            return -1;
+        }
+        p->pse = PyArray_DATA(pse_arr);
+        p->pse_sb = st4[0], p->pse_sh = st4[1], p->pse_sr = st4[2], p->pse_sc = st4[3];
+    }
+    if (aux4(c->mask, "atten_mask", qb, p->h, p->sq, p->sk, &mask_arr, st4) < 0)
+        return -1;
+    if (mask_arr) {
+        if (PyArray_TYPE(mask_arr) != NPY_UINT8 && PyArray_TYPE(mask_arr) != NPY_BOOL) {
+            PyErr_SetString(PyExc_TypeError, "atten_mask: expected dtype bool or uint8");
+            return -1;
+        }
+        p->mask = (const uint8_t *)PyArray_DATA(mask_arr);
+        p->mask_sb = st4[0], p->mask_sh = st4[1], p->mask_sr = st4[2], p->mask_sc = st4[3];
+    }
+    return 0;
+}
+
 /* ---- fwd -------------------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(fwd_doc,
@@ -213,321 +595,43 @@ static PyObject *py_fwd(PyObject *self, PyObject *args, PyObject *kw)
                              "k_batch_idx", "block_table", "dropout_p", "seed", "offset",
                              "s_dmask", "pse", "mask", "mask_fill", "invalid_line_zero", "sink",
                              "rowmax", "rowsum", "prefix", "pse_after_scale", NULL};
-    PyObject *oq, *ok, *ov, *oo, *olse;
-    double scale, softcap = 0.0, dropout_p = 0.0, mask_fill = -INFINITY;
-    PyObject *oleft = Py_None, *oright = Py_None;
-    int anchor_br = 1, invalid_line_zero = 0, pse_after_scale = 0;
-    PyObject *oalibi = Py_None, *ocuq = Py_None, *ocuk = Py_None, *oseqk = Py_None,
-             *okstart = Py_None, *okbidx = Py_None, *obt = Py_None, *osd = Py_None,
-             *opse = Py_None, *omask = Py_None, *osink = Py_None, *ormax = Py_None,
-             *orsum = Py_None, *oprefix = Py_None;
-    unsigned long long seed = 0, offset = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOd|dOOpOOOOOOOdKKOOOdpOOOOp", kwlist, &oq, &ok,
-                                     &ov, &oo, &olse, &scale, &softcap, &oleft, &oright,
-                                     &anchor_br, &oalibi, &ocuq, &ocuk, &oseqk, &okstart, &okbidx,
-                                     &obt, &dropout_p, &seed, &offset, &osd, &opse, &omask,
-                                     &mask_fill, &invalid_line_zero, &osink, &ormax, &orsum,
-                                     &oprefix, &pse_after_scale))
+    static const tensor_spec spec[4] = {{"q", 0, 0}, {"k", 1, 0}, {"v", 1, 0}, {"out", 0, 1}};
+    PyObject *ob[4], *olse;
+    attn_args c;
+    attn_args_init(&c);
+    int pse_after_scale = 0;
+    PyObject *oseqk = Py_None, *okstart = Py_None, *okbidx = Py_None, *obt = Py_None,
+             *osd = Py_None, *ormax = Py_None, *orsum = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOd|dOOpOOOOOOOdKKOOOdpOOOOp", kwlist, &ob[0],
+                                     &ob[1], &ob[2], &ob[3], &olse, &c.scale, &c.softcap, &c.left,
+                                     &c.right, &c.anchor_br, &c.alibi, &c.cu_q, &c.cu_k, &oseqk,
+                                     &okstart, &okbidx, &obt, &c.dropout_p, &c.seed, &c.offset,
+                                     &osd, &c.pse, &c.mask, &c.mask_fill, &c.invalid_line_zero,
+                                     &c.sink, &ormax, &orsum, &c.prefix, &pse_after_scale))
         return NULL;
 
     fa_fwd_params p;
     memset(&p, 0, sizeof p);
-    int err;
-    PyArrayObject *q = as_array(oq, "q", 4, 0, &err);
-    if (err) return NULL;
-    PyArrayObject *k = as_array(ok, "k", 4, 0, &err);
-    if (err) return NULL;
-    PyArrayObject *v = as_array(ov, "v", 4, 0, &err);
-    if (err) return NULL;
-    PyArrayObject *o = as_array(oo, "out", 4, 0, &err);
-    if (err) return NULL;
-    PyArrayObject *lse = as_array(olse, "lse", 3, 1, &err);
-    if (err) return NULL;
-
-    fa_dtype t;
-    if (dtype_of(q, &t) < 0) {
-        PyErr_SetString(PyExc_TypeError, "q: expected dtype float32, float16, bfloat16 or float64");
+    PyArrayObject *a[4];
+    int64_t st[4][4];
+    attn_stats stats;
+    if (attn_tensors(ob, spec, 4, 0, &p, a, st) < 0 || attn_scalars(&c, &p) < 0 ||
+        attn_geometry(&p, &c, oseqk, okstart, okbidx, obt, PyArray_DIMS(a[0]), PyArray_DIMS(a[1]),
+                      0) < 0 ||
+        attn_statistics(olse, ormax, orsum, &p, PyArray_DIM(a[0], 1), 1, &stats) < 0 ||
+        attn_score_terms(&p, &c) < 0)
         return NULL;
-    }
-    PyArrayObject *same[] = {k, v, o};
-    const char *same_names[] = {"k", "v", "out"};
-    for (int i = 0; i < 3; i++) {
-        fa_dtype u;
-        if (dtype_of(same[i], &u) < 0 || u != t) {
-            PyErr_Format(PyExc_TypeError, "%s: expected dtype %s (the dtype of q)", same_names[i],
-                         dtype_name(t));
-            return NULL;
-        }
-    }
-    if (writable(o, "out") < 0)
-        return NULL;
-    p.dtype = t;
-
-    int64_t sq_[4], sk_[4], sv_[4], so_[4];
-    if (elem_strides(q, "q", 1, sq_) < 0 || elem_strides(k, "k", 1, sk_) < 0 ||
-        elem_strides(v, "v", 1, sv_) < 0 || elem_strides(o, "out", 1, so_) < 0)
-        return NULL;
-    npy_intp *qs = PyArray_DIMS(q), *ks = PyArray_DIMS(k), *vs = PyArray_DIMS(v),
-             *os = PyArray_DIMS(o);
-    for (int i = 0; i < 4; i++) {
-        if (os[i] != qs[i]) {
-            PyErr_SetString(PyExc_ValueError, "out: must have the shape of q");
-            return NULL;
-        }
-        if (ks[i] != vs[i]) {
-            PyErr_SetString(PyExc_ValueError, "v: must have the shape of k");
-            return NULL;
-        }
-    }
-    p.d = qs[3];
-    p.h = qs[2];
-    p.hk = ks[2];
-    if (ks[3] != p.d) {
-        PyErr_Format(PyExc_ValueError, "k: head dim %zd differs from q's %lld", ks[3], (long long)p.d);
-        return NULL;
-    }
-    if (p.d < 1 || p.d > 512) {
-        PyErr_Format(PyExc_ValueError, "q: head dim must be in [1, 512], got %lld", (long long)p.d);
-        return NULL;
-    }
-    if (p.hk < 1 || p.h % p.hk != 0) {
-        PyErr_Format(PyExc_ValueError, "k: %lld kv heads must divide the %lld query heads",
-                     (long long)p.hk, (long long)p.h);
-        return NULL;
-    }
-    p.q = (fa_view){PyArray_DATA(q), sq_[0], sq_[1], sq_[2]};
-    p.k = (fa_view){PyArray_DATA(k), sk_[0], sk_[1], sk_[2]};
-    p.v = (fa_view){PyArray_DATA(v), sv_[0], sv_[1], sv_[2]};
-    p.o = PyArray_DATA(o);
-    p.o_sb = so_[0], p.o_sr = so_[1], p.o_sh = so_[2];
-    p.scale = scale;
-    p.softcap = softcap;
-    p.anchor_br = anchor_br;
-    p.mask_fill = mask_fill;
-    p.invalid_line_zero = invalid_line_zero;
+    p.o = PyArray_DATA(a[3]);
+    p.o_sb = st[3][0], p.o_sr = st[3][1], p.o_sh = st[3][2];
     p.pse_after_scale = pse_after_scale;
-    if (!(dropout_p >= 0.0 && dropout_p < 1.0)) {
-        PyErr_Format(PyExc_ValueError, "dropout_p: must be in [0, 1), got %g", dropout_p);
-        return NULL;
-    }
-    p.dropout_p = dropout_p;
-    p.seed = seed;
-    p.offset = offset;
-    p.left = oleft == Py_None ? FA_UNBOUNDED : PyLong_AsLongLong(oleft);
-    p.right = oright == Py_None ? FA_UNBOUNDED : PyLong_AsLongLong(oright);
-    if (PyErr_Occurred())
-        return NULL;
-
-    /* Batch geometry. */
-    int varlen = ocuq != Py_None;
-    if (varlen) {
-        PyArrayObject *cq = as_array(ocuq, "cu_seqlens_q", 1, 0, &err);
-        if (err) return NULL;
-        p.b = PyArray_DIM(cq, 0) - 1;
-        if (p.b < 0 || qs[0] != 1) {
-            PyErr_SetString(PyExc_ValueError, "cu_seqlens_q: needs at least one entry and q of batch 1");
-            return NULL;
-        }
-        if (index_array(ocuq, "cu_seqlens_q", p.b + 1, &p.cu_q) < 0 ||
-            check_cu(p.cu_q, "cu_seqlens_q", p.b, qs[1]) < 0)
-            return NULL;
-        p.sq = 0;
-        for (int64_t i = 0; i < p.b; i++)
-            if (p.cu_q[i + 1] - p.cu_q[i] > p.sq)
-                p.sq = p.cu_q[i + 1] - p.cu_q[i];
-    } else {
-        p.b = qs[0];
-        p.sq = qs[1];
-    }
-    if (index_array(ocuk, "cu_seqlens_k", p.b + 1, &p.cu_k) < 0)
-        return NULL;
-    if (p.cu_k && !varlen) {
-        PyErr_SetString(PyExc_ValueError, "cu_seqlens_k: given without cu_seqlens_q");
-        return NULL;
-    }
-    if (varlen && !p.cu_k && obt == Py_None && oseqk == Py_None) {
-        PyErr_SetString(PyExc_ValueError, "cu_seqlens_k: required with cu_seqlens_q");
-        return NULL;
-    }
-    if (index_array(oseqk, "seqlen_k", p.b, &p.seqlen_k) < 0 ||
-        index_array(okstart, "k_start", p.b, &p.k_start) < 0 ||
-        index_array(okbidx, "k_batch_idx", p.b, &p.k_batch_idx) < 0 ||
-        index_array(oprefix, "prefix", p.b, &p.prefix) < 0)
-        return NULL;
-
-    /* Where keys live: every logical key of every sequence must map inside k/v. */
-    PyArrayObject *bt = as_array(obt, "block_table", 2, 1, &err);
-    if (err)
-        return NULL;
-    if (bt) {
-        if (check_dtype(bt, "block_table", NPY_INT64) < 0)
-            return NULL;
-        if (!PyArray_IS_C_CONTIGUOUS(bt) || PyArray_DIM(bt, 0) != p.b) {
-            PyErr_Format(PyExc_ValueError, "block_table: expected a contiguous (%lld, max_blocks) array",
-                         (long long)p.b);
-            return NULL;
-        }
-        if (p.cu_k || p.k_batch_idx) {
-            PyErr_SetString(PyExc_ValueError, "block_table: cannot be combined with cu_seqlens_k or cache_batch_idx");
-            return NULL;
-        }
-        p.block_table = (const int64_t *)PyArray_DATA(bt);
-        p.bt_stride = PyArray_DIM(bt, 1);
-        p.page = ks[1];
-        int64_t nblk = ks[0];
-        for (int64_t i = 0; i < p.b * p.bt_stride; i++) {
-            if (p.block_table[i] < 0 || p.block_table[i] >= nblk) {
-                PyErr_Format(PyExc_ValueError, "block_table: entry %lld out of range [0, %lld)",
-                             (long long)p.block_table[i], (long long)nblk);
-                return NULL;
-            }
-        }
-        p.sk = p.bt_stride * p.page;
-    } else {
-        p.sk = p.cu_k ? 0 : ks[1];
-    }
-    int64_t kcap_rows = bt ? p.bt_stride * p.page : ks[1];
-    if (p.cu_k && check_cu(p.cu_k, "cu_seqlens_k", p.b, ks[1]) < 0)
-        return NULL;
-    int64_t max_sk = 0;
-    for (int64_t i = 0; i < p.b; i++) {
-        if (p.k_batch_idx && (p.k_batch_idx[i] < 0 || p.k_batch_idx[i] >= ks[0])) {
-            PyErr_Format(PyExc_ValueError, "cache_batch_idx: entry %lld out of range [0, %zd)",
-                         (long long)p.k_batch_idx[i], ks[0]);
-            return NULL;
-        }
-        if (!varlen && !bt && !p.k_batch_idx && ks[0] != qs[0]) {
-            PyErr_Format(PyExc_ValueError, "k: batch %zd differs from q's %zd", ks[0], qs[0]);
-            return NULL;
-        }
-        if (p.seqlen_k && p.seqlen_k[i] < 0) {
-            PyErr_SetString(PyExc_ValueError, "seqlen_k: entries must be >= 0");
-            return NULL;
-        }
-        if (p.k_start && p.k_start[i] < 0) {
-            PyErr_SetString(PyExc_ValueError, "k_start: entries must be >= 0");
-            return NULL;
-        }
-        fa_seq s = fa_seq_of(&p, i);
-        int64_t end = s.k_row0 + s.sk; /* one past the last physical key row used */
-        int64_t limit = p.cu_k ? p.cu_k[i + 1] : kcap_rows;
-        if (p.cu_k && p.seqlen_k)
-            limit = ks[1];
-        if (end > limit) {
-            PyErr_Format(PyExc_ValueError,
-                         "k: sequence %lld needs key rows up to %lld but only %lld exist", (long long)i,
-                         (long long)end, (long long)limit);
-            return NULL;
-        }
-        if (s.sk > max_sk)
-            max_sk = s.sk;
-    }
-    if (p.cu_k || p.seqlen_k || bt)
-        p.sk = max_sk;
-
-    if (lse) {
-        PyArrayObject *l = lse;
-        npy_intp *ls = PyArray_DIMS(l);
-        int64_t want0 = varlen ? 1 : p.b, want2 = varlen ? qs[1] : p.sq;
-        if (ls[0] != want0 || ls[1] != p.h || ls[2] != want2) {
-            PyErr_Format(PyExc_ValueError, "lse: expected shape (%lld, %lld, %lld)", (long long)want0,
-                         (long long)p.h, (long long)want2);
-            return NULL;
-        }
-        if (PyArray_TYPE(l) != (t == FA_F64 ? NPY_FLOAT64 : NPY_FLOAT32)) {
-            PyErr_SetString(PyExc_TypeError, "lse: expected float32 (float64 for float64 inputs)");
-            return NULL;
-        }
-        int64_t st[3];
-        if (writable(l, "lse") < 0 || elem_strides(l, "lse", 0, st) < 0)
-            return NULL;
-        p.lse = PyArray_DATA(l);
-        p.lse_sb = st[0], p.lse_sh = st[1], p.lse_sr = st[2];
-    }
-    PyArrayObject *rmax = as_array(ormax, "rowmax", 3, 1, &err);
-    if (err) return NULL;
-    PyArrayObject *rsum = as_array(orsum, "rowsum", 3, 1, &err);
-    if (err) return NULL;
-    if ((rmax == NULL) != (rsum == NULL)) {
-        PyErr_SetString(PyExc_ValueError, "rowmax and rowsum: give both or neither");
-        return NULL;
-    }
-    if (rmax) {
-        int64_t want0 = varlen ? 1 : p.b, want2 = varlen ? qs[1] : p.sq;
-        int64_t st[3], st2[3];
-        PyArrayObject *pair[] = {rmax, rsum};
-        for (int i = 0; i < 2; i++) {
-            npy_intp *ls = PyArray_DIMS(pair[i]);
-            if (ls[0] != want0 || ls[1] != p.h || ls[2] != want2 ||
-                PyArray_TYPE(pair[i]) != (t == FA_F64 ? NPY_FLOAT64 : NPY_FLOAT32)) {
-                PyErr_SetString(PyExc_ValueError, "rowmax/rowsum: wrong shape or dtype");
-                return NULL;
-            }
-            if (writable(pair[i], "rowmax/rowsum") < 0)
-                return NULL;
-        }
-        if (elem_strides(rmax, "rowmax", 0, st) < 0 || elem_strides(rsum, "rowsum", 0, st2) < 0)
-            return NULL;
-        if (memcmp(st, st2, sizeof st) != 0) {
-            PyErr_SetString(PyExc_ValueError, "rowmax and rowsum: must have the same strides");
-            return NULL;
-        }
-        p.rowmax = PyArray_DATA(rmax);
-        p.rowsum = PyArray_DATA(rsum);
-        p.stat_sb = st[0], p.stat_sh = st[1], p.stat_sr = st[2];
-    }
-
-    PyArrayObject *al = as_array(oalibi, "alibi_slopes", 2, 1, &err);
-    if (err)
-        return NULL;
-    if (al) {
-        int64_t st[2];
-        if (check_dtype(al, "alibi_slopes", NPY_FLOAT32) < 0 || elem_strides(al, "alibi_slopes", 1, st) < 0)
-            return NULL;
-        if (PyArray_DIM(al, 0) != p.b || PyArray_DIM(al, 1) != p.h) {
-            PyErr_Format(PyExc_ValueError, "alibi_slopes: expected (broadcast) shape (%lld, %lld)",
-                         (long long)p.b, (long long)p.h);
-            return NULL;
-        }
-        p.alibi = (const float *)PyArray_DATA(al);
-        p.alibi_sb = st[0];
-    }
-    PyArrayObject *sk_arr = as_array(osink, "sink", 1, 1, &err);
-    if (err)
-        return NULL;
-    if (sk_arr) {
-        if (check_dtype(sk_arr, "sink", NPY_FLOAT32) < 0)
-            return NULL;
-        if (!PyArray_IS_C_CONTIGUOUS(sk_arr) || PyArray_DIM(sk_arr, 0) != p.h) {
-            PyErr_Format(PyExc_ValueError, "sink: expected a contiguous array of length %lld", (long long)p.h);
-            return NULL;
-        }
-        p.sink = (const float *)PyArray_DATA(sk_arr);
-    }
+    p.lse = stats.lse;
+    p.lse_sb = stats.lse_st[0], p.lse_sh = stats.lse_st[1], p.lse_sr = stats.lse_st[2];
+    p.rowmax = stats.rowmax;
+    p.rowsum = stats.rowsum;
+    p.stat_sb = stats.stat_st[0], p.stat_sh = stats.stat_st[1], p.stat_sr = stats.stat_st[2];
 
     int64_t st4[4];
-    PyArrayObject *pse_arr, *mask_arr, *sd_arr;
-    int64_t qb = varlen ? 1 : p.b;
-    if (aux4(opse, "pse", qb, p.h, p.sq, p.sk, &pse_arr, st4) < 0)
-        return NULL;
-    if (pse_arr) {
-        if (dtype_of(pse_arr, &p.pse_dtype) < 0) {
-            PyErr_SetString(PyExc_TypeError, "pse: expected a floating dtype");
-            return NULL;
-        }
-        p.pse = PyArray_DATA(pse_arr);
-        p.pse_sb = st4[0], p.pse_sh = st4[1], p.pse_sr = st4[2], p.pse_sc = st4[3];
-    }
-    if (aux4(omask, "atten_mask", qb, p.h, p.sq, p.sk, &mask_arr, st4) < 0)
-        return NULL;
-    if (mask_arr) {
-        if (PyArray_TYPE(mask_arr) != NPY_UINT8 && PyArray_TYPE(mask_arr) != NPY_BOOL) {
-            PyErr_SetString(PyExc_TypeError, "atten_mask: expected dtype bool or uint8");
-            return NULL;
-        }
-        p.mask = (const uint8_t *)PyArray_DATA(mask_arr);
-        p.mask_sb = st4[0], p.mask_sh = st4[1], p.mask_sr = st4[2], p.mask_sc = st4[3];
-    }
+    PyArrayObject *sd_arr;
     if (aux4(osd, "s_dmask", p.b, p.h, p.sq, p.sk, &sd_arr, st4) < 0)
         return NULL;
     if (sd_arr) {
@@ -541,11 +645,11 @@ static PyObject *py_fwd(PyObject *self, PyObject *args, PyObject *kw)
         }
     }
 
-    fa_status st;
+    fa_status status;
     Py_BEGIN_ALLOW_THREADS
-    st = fa_fwd(&p);
+    status = fa_fwd(&p);
     Py_END_ALLOW_THREADS
-    if (status_to_error(st) < 0)
+    if (status_to_error(status) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -710,22 +814,6 @@ PyDoc_STRVAR(bwd_doc,
 "(b, h, sq or 1, sk). Writes dq, dk, dv (and adds into dpse) in place. Internal: use the\n"
 "functions of flash_attn_c instead.");
 
-/* A 3-D statistics array (lse, rowmax, rowsum) of shape (n0, h, n2) in the accumulator dtype. */
-static int bwd_stat(PyArrayObject *a, const char *name, int64_t n0, int64_t h, int64_t n2,
-                    fa_dtype t, int64_t *st)
-{
-    npy_intp *ls = PyArray_DIMS(a);
-    if (ls[0] != n0 || ls[1] != h || ls[2] != n2) {
-        PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld, %lld), got (%zd, %zd, %zd)",
-                     name, (long long)n0, (long long)h, (long long)n2, ls[0], ls[1], ls[2]);
-        return -1;
-    }
-    if (PyArray_TYPE(a) != (t == FA_F64 ? NPY_FLOAT64 : NPY_FLOAT32)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected float32 (float64 for float64 inputs)", name);
-        return -1;
-    }
-    return elem_strides(a, name, 0, st);
-}
 
 static PyObject *py_bwd(PyObject *self, PyObject *args, PyObject *kw)
 {
@@ -734,236 +822,49 @@ static PyObject *py_bwd(PyObject *self, PyObject *args, PyObject *kw)
                              "rowmax", "rowsum", "softcap", "left", "right", "anchor_br", "alibi",
                              "cu_q", "cu_k", "dropout_p", "seed", "offset", "pse", "mask",
                              "mask_fill", "invalid_line_zero", "sink", "prefix", "dpse", NULL};
+    static const tensor_spec spec[8] = {{"dout", 0, 0}, {"q", 0, 0},  {"k", 1, 0},  {"v", 1, 0},
+                                        {"out", 0, 0},  {"dq", 0, 1}, {"dk", 1, 1}, {"dv", 1, 1}};
     PyObject *ob[8];
-    double scale, softcap = 0.0, dropout_p = 0.0, mask_fill = -INFINITY;
-    PyObject *olse = Py_None, *ormax = Py_None, *orsum = Py_None, *oleft = Py_None,
-             *oright = Py_None, *oalibi = Py_None, *ocuq = Py_None, *ocuk = Py_None,
-             *opse = Py_None, *omask = Py_None, *osink = Py_None, *oprefix = Py_None,
-             *odpse = Py_None;
-    int anchor_br = 1, invalid_line_zero = 0;
-    unsigned long long seed = 0, offset = 0;
+    attn_args c;
+    attn_args_init(&c);
+    PyObject *olse = Py_None, *ormax = Py_None, *orsum = Py_None, *odpse = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOd|OOOdOOpOOOdKKOOdpOOO", kwlist, &ob[0],
-                                     &ob[1], &ob[2], &ob[3], &ob[4], &ob[5], &ob[6], &ob[7], &scale,
-                                     &olse, &ormax, &orsum, &softcap, &oleft, &oright, &anchor_br,
-                                     &oalibi, &ocuq, &ocuk, &dropout_p, &seed, &offset, &opse,
-                                     &omask, &mask_fill, &invalid_line_zero, &osink, &oprefix,
+                                     &ob[1], &ob[2], &ob[3], &ob[4], &ob[5], &ob[6], &ob[7],
+                                     &c.scale, &olse, &ormax, &orsum, &c.softcap, &c.left,
+                                     &c.right, &c.anchor_br, &c.alibi, &c.cu_q, &c.cu_k,
+                                     &c.dropout_p, &c.seed, &c.offset, &c.pse, &c.mask,
+                                     &c.mask_fill, &c.invalid_line_zero, &c.sink, &c.prefix,
                                      &odpse))
         return NULL;
 
-    /* dout, q, k, v, out, dq, dk, dv: rank 4, one float dtype, last dim contiguous. */
-    static const char *names[8] = {"dout", "q", "k", "v", "out", "dq", "dk", "dv"};
-    PyArrayObject *a[8];
-    int64_t st[8][4];
-    int err;
-    for (int i = 0; i < 8; i++) {
-        a[i] = as_array(ob[i], names[i], 4, 0, &err);
-        if (err)
-            return NULL;
-    }
     fa_bwd_params p;
     memset(&p, 0, sizeof p);
     fa_fwd_params *f = &p.f;
-    fa_dtype t;
-    if (dtype_of(a[1], &t) < 0) {
-        PyErr_SetString(PyExc_TypeError, "q: expected dtype float32, float16, bfloat16 or float64");
+    PyArrayObject *a[8];
+    int64_t st[8][4];
+    attn_stats stats;
+    /* No backward through a paged or indexed cache (fa_bwd_params.h): those arrays stay None. */
+    if (attn_tensors(ob, spec, 8, 1, f, a, st) < 0 || attn_scalars(&c, f) < 0 ||
+        attn_geometry(f, &c, Py_None, Py_None, Py_None, Py_None, PyArray_DIMS(a[1]),
+                      PyArray_DIMS(a[2]), 1) < 0 ||
+        attn_statistics(olse, ormax, orsum, f, PyArray_DIM(a[1], 1), 0, &stats) < 0 ||
+        attn_score_terms(f, &c) < 0)
         return NULL;
-    }
-    for (int i = 0; i < 8; i++) {
-        fa_dtype u;
-        if (dtype_of(a[i], &u) < 0 || u != t) {
-            PyErr_Format(PyExc_TypeError, "%s: expected dtype %s (the dtype of q)", names[i],
-                         dtype_name(t));
-            return NULL;
-        }
-        if (elem_strides(a[i], names[i], 1, st[i]) < 0)
-            return NULL;
-        if (i >= 5 && writable(a[i], names[i]) < 0)
-            return NULL;
-    }
-    npy_intp *qs = PyArray_DIMS(a[1]), *ks = PyArray_DIMS(a[2]);
-    for (int i = 0; i < 8; i++) {
-        npy_intp *want = (i == 2 || i == 3 || i == 6 || i == 7) ? ks : qs;
-        if (memcmp(PyArray_DIMS(a[i]), want, 4 * sizeof(npy_intp)) != 0) {
-            PyErr_Format(PyExc_ValueError, "%s: must have the shape of %s", names[i],
-                         want == ks ? "k" : "q");
-            return NULL;
-        }
-    }
-    f->dtype = t;
-    f->d = qs[3];
-    f->h = qs[2];
-    f->hk = ks[2];
-    if (ks[3] != f->d) {
-        PyErr_Format(PyExc_ValueError, "k: head dim %zd differs from q's %lld", ks[3], (long long)f->d);
-        return NULL;
-    }
-    if (f->d < 1 || f->d > 512) {
-        PyErr_Format(PyExc_ValueError, "q: head dim must be in [1, 512], got %lld", (long long)f->d);
-        return NULL;
-    }
-    if (f->hk < 1 || f->h % f->hk != 0) {
-        PyErr_Format(PyExc_ValueError, "k: %lld kv heads must divide the %lld query heads",
-                     (long long)f->hk, (long long)f->h);
-        return NULL;
-    }
     p.dout = (fa_view){PyArray_DATA(a[0]), st[0][0], st[0][1], st[0][2]};
-    f->q = (fa_view){PyArray_DATA(a[1]), st[1][0], st[1][1], st[1][2]};
-    f->k = (fa_view){PyArray_DATA(a[2]), st[2][0], st[2][1], st[2][2]};
-    f->v = (fa_view){PyArray_DATA(a[3]), st[3][0], st[3][1], st[3][2]};
     p.out = (fa_view){PyArray_DATA(a[4]), st[4][0], st[4][1], st[4][2]};
     p.dq = PyArray_DATA(a[5]), p.dq_sb = st[5][0], p.dq_sr = st[5][1], p.dq_sh = st[5][2];
     p.dk = PyArray_DATA(a[6]), p.dk_sb = st[6][0], p.dk_sr = st[6][1], p.dk_sh = st[6][2];
     p.dv = PyArray_DATA(a[7]), p.dv_sb = st[7][0], p.dv_sr = st[7][1], p.dv_sh = st[7][2];
-    f->scale = scale;
-    f->softcap = softcap;
-    f->anchor_br = anchor_br;
-    f->mask_fill = mask_fill;
-    f->invalid_line_zero = invalid_line_zero;
-    if (!(dropout_p >= 0.0 && dropout_p < 1.0)) {
-        PyErr_Format(PyExc_ValueError, "dropout_p: must be in [0, 1), got %g", dropout_p);
-        return NULL;
-    }
-    f->dropout_p = dropout_p;
-    f->seed = seed;
-    f->offset = offset;
-    f->left = oleft == Py_None ? FA_UNBOUNDED : PyLong_AsLongLong(oleft);
-    f->right = oright == Py_None ? FA_UNBOUNDED : PyLong_AsLongLong(oright);
-    if (PyErr_Occurred())
-        return NULL;
+    p.lse = stats.lse;
+    p.lse_sb = stats.lse_st[0], p.lse_sh = stats.lse_st[1], p.lse_sr = stats.lse_st[2];
+    p.rowmax = stats.rowmax;
+    p.rowsum = stats.rowsum;
+    p.stat_sb = stats.stat_st[0], p.stat_sh = stats.stat_st[1], p.stat_sr = stats.stat_st[2];
 
-    /* Batch geometry: fixed length, or varlen with both cu_seqlens (no paged or indexed caches). */
-    int varlen = ocuq != Py_None;
-    if (varlen) {
-        PyArrayObject *cq = as_array(ocuq, "cu_seqlens_q", 1, 0, &err);
-        if (err)
-            return NULL;
-        f->b = PyArray_DIM(cq, 0) - 1;
-        if (f->b < 0 || qs[0] != 1 || ks[0] != 1) {
-            PyErr_SetString(PyExc_ValueError, "cu_seqlens_q: needs at least one entry and q, k of batch 1");
-            return NULL;
-        }
-        if (index_array(ocuq, "cu_seqlens_q", f->b + 1, &f->cu_q) < 0 ||
-            check_cu(f->cu_q, "cu_seqlens_q", f->b, qs[1]) < 0)
-            return NULL;
-        if (ocuk == Py_None) {
-            PyErr_SetString(PyExc_ValueError, "cu_seqlens_k: required with cu_seqlens_q");
-            return NULL;
-        }
-        if (index_array(ocuk, "cu_seqlens_k", f->b + 1, &f->cu_k) < 0 ||
-            check_cu(f->cu_k, "cu_seqlens_k", f->b, ks[1]) < 0)
-            return NULL;
-        f->sq = f->sk = 0;
-        for (int64_t i = 0; i < f->b; i++) {
-            if (f->cu_q[i + 1] - f->cu_q[i] > f->sq)
-                f->sq = f->cu_q[i + 1] - f->cu_q[i];
-            if (f->cu_k[i + 1] - f->cu_k[i] > f->sk)
-                f->sk = f->cu_k[i + 1] - f->cu_k[i];
-        }
-    } else {
-        if (ocuk != Py_None) {
-            PyErr_SetString(PyExc_ValueError, "cu_seqlens_k: given without cu_seqlens_q");
-            return NULL;
-        }
-        if (ks[0] != qs[0]) {
-            PyErr_Format(PyExc_ValueError, "k: batch %zd differs from q's %zd", ks[0], qs[0]);
-            return NULL;
-        }
-        f->b = qs[0];
-        f->sq = qs[1];
-        f->sk = ks[1];
-    }
-    if (index_array(oprefix, "prefix", f->b, &f->prefix) < 0)
-        return NULL;
-
-    /* Softmax statistics: lse, or the NPU's rowmax and rowsum. */
-    int64_t s0 = varlen ? 1 : f->b, s2 = varlen ? qs[1] : f->sq, sst[3];
-    PyArrayObject *lse = as_array(olse, "lse", 3, 1, &err);
-    if (err)
-        return NULL;
-    PyArrayObject *rmax = as_array(ormax, "rowmax", 3, 1, &err);
-    if (err)
-        return NULL;
-    PyArrayObject *rsum = as_array(orsum, "rowsum", 3, 1, &err);
-    if (err)
-        return NULL;
-    if ((lse != NULL) == (rmax != NULL || rsum != NULL) || (rmax == NULL) != (rsum == NULL)) {
-        PyErr_SetString(PyExc_ValueError, "softmax statistics: give lse, or both rowmax and rowsum");
-        return NULL;
-    }
-    if (lse) {
-        if (bwd_stat(lse, "lse", s0, f->h, s2, t, sst) < 0)
-            return NULL;
-        p.lse = PyArray_DATA(lse);
-        p.lse_sb = sst[0], p.lse_sh = sst[1], p.lse_sr = sst[2];
-    } else {
-        int64_t sst2[3];
-        if (bwd_stat(rmax, "rowmax", s0, f->h, s2, t, sst) < 0 ||
-            bwd_stat(rsum, "rowsum", s0, f->h, s2, t, sst2) < 0)
-            return NULL;
-        if (memcmp(sst, sst2, sizeof sst) != 0) {
-            PyErr_SetString(PyExc_ValueError, "rowmax and rowsum: must have the same strides");
-            return NULL;
-        }
-        p.rowmax = PyArray_DATA(rmax);
-        p.rowsum = PyArray_DATA(rsum);
-        p.stat_sb = sst[0], p.stat_sh = sst[1], p.stat_sr = sst[2];
-    }
-
-    PyArrayObject *al = as_array(oalibi, "alibi_slopes", 2, 1, &err);
-    if (err)
-        return NULL;
-    if (al) {
-        int64_t ast[2];
-        if (check_dtype(al, "alibi_slopes", NPY_FLOAT32) < 0 ||
-            elem_strides(al, "alibi_slopes", 1, ast) < 0)
-            return NULL;
-        if (PyArray_DIM(al, 0) != f->b || PyArray_DIM(al, 1) != f->h) {
-            PyErr_Format(PyExc_ValueError, "alibi_slopes: expected (broadcast) shape (%lld, %lld)",
-                         (long long)f->b, (long long)f->h);
-            return NULL;
-        }
-        f->alibi = (const float *)PyArray_DATA(al);
-        f->alibi_sb = ast[0];
-    }
-    PyArrayObject *sk_arr = as_array(osink, "sink", 1, 1, &err);
-    if (err)
-        return NULL;
-    if (sk_arr) {
-        if (check_dtype(sk_arr, "sink", NPY_FLOAT32) < 0)
-            return NULL;
-        if (!PyArray_IS_C_CONTIGUOUS(sk_arr) || PyArray_DIM(sk_arr, 0) != f->h) {
-            PyErr_Format(PyExc_ValueError, "sink: expected a contiguous array of length %lld",
-                         (long long)f->h);
-            return NULL;
-        }
-        f->sink = (const float *)PyArray_DATA(sk_arr);
-    }
-
-    int64_t st4[4];
-    PyArrayObject *pse_arr, *mask_arr, *dpse_arr;
-    int64_t qb = varlen ? 1 : f->b;
-    if (aux4(opse, "pse", qb, f->h, f->sq, f->sk, &pse_arr, st4) < 0)
-        return NULL;
-    if (pse_arr) {
-        if (dtype_of(pse_arr, &f->pse_dtype) < 0) {
-            PyErr_SetString(PyExc_TypeError, "pse: expected a floating dtype");
-            return NULL;
-        }
-        f->pse = PyArray_DATA(pse_arr);
-        f->pse_sb = st4[0], f->pse_sh = st4[1], f->pse_sr = st4[2], f->pse_sc = st4[3];
-    }
-    if (aux4(omask, "atten_mask", qb, f->h, f->sq, f->sk, &mask_arr, st4) < 0)
-        return NULL;
-    if (mask_arr) {
-        if (PyArray_TYPE(mask_arr) != NPY_UINT8 && PyArray_TYPE(mask_arr) != NPY_BOOL) {
-            PyErr_SetString(PyExc_TypeError, "atten_mask: expected dtype bool or uint8");
-            return NULL;
-        }
-        f->mask = (const uint8_t *)PyArray_DATA(mask_arr);
-        f->mask_sb = st4[0], f->mask_sh = st4[1], f->mask_sr = st4[2], f->mask_sc = st4[3];
-    }
     /* dpse: one row (summed over rows) or a row per query row; a batch per sequence. */
-    dpse_arr = as_array(odpse, "dpse", 4, 1, &err);
+    int err;
+    int64_t st4[4];
+    PyArrayObject *dpse_arr = as_array(odpse, "dpse", 4, 1, &err);
     if (err)
         return NULL;
     if (dpse_arr) {
@@ -974,7 +875,7 @@ static PyObject *py_bwd(PyObject *self, PyObject *args, PyObject *kw)
                          (long long)f->b, (long long)f->h, (long long)f->sq, (long long)f->sk);
             return NULL;
         }
-        if (PyArray_TYPE(dpse_arr) != (t == FA_F64 ? NPY_FLOAT64 : NPY_FLOAT32)) {
+        if (PyArray_TYPE(dpse_arr) != (f->dtype == FA_F64 ? NPY_FLOAT64 : NPY_FLOAT32)) {
             PyErr_SetString(PyExc_TypeError, "dpse: expected float32 (float64 for float64 inputs)");
             return NULL;
         }
