@@ -309,7 +309,16 @@ static int attn_scalars(const attn_args *c, fa_fwd_params *p)
     p->offset = c->offset;
     p->left = c->left == Py_None ? FA_UNBOUNDED : PyLong_AsLongLong(c->left);
     p->right = c->right == Py_None ? FA_UNBOUNDED : PyLong_AsLongLong(c->right);
-    return PyErr_Occurred() ? -1 : 0;
+    if (PyErr_Occurred())
+        return -1;
+    /* Saturate band offsets at +-2^62: beyond any real sequence length, so the band is unchanged,
+     * while the kernels' i + diag - left arithmetic can no longer overflow. */
+    const int64_t lim = (int64_t)1 << 62;
+    if (p->left != FA_UNBOUNDED)
+        p->left = p->left > lim ? lim : p->left < -lim ? -lim : p->left;
+    if (p->right != FA_UNBOUNDED)
+        p->right = p->right > lim ? lim : p->right < -lim ? -lim : p->right;
+    return 0;
 }
 
 /* Batch geometry: p's b, sq, sk and the index arrays (cu_seqlens, seqlen_k, k_start, k_batch_idx,
