@@ -56,7 +56,7 @@ class Case:
     dropout: float = 0.0
 
     def shape_text(self):
-        if self.kind == "varlen":
+        if self.kind in ("varlen", "npu_tnd"):
             return (f"{self.b} sequences of random length, {self.sq} tokens, Hq={self.hq} "
                     f"Hkv={self.hkv} D={self.d}")
         if self.kind == "sweep":
@@ -81,6 +81,10 @@ CASES = {c.id: c for c in [
          ("f32", "bf16")),
     Case("V1", "varlen", "varlen", 8, 16, 16, 8192,
          8192, 128, (True,), ("f32", "bf16")),
+    Case("N1", "npu_bnsd", "npu_fusion_attention BNSD (sparse_mode 3 when causal)", 1, 16, 16,
+         2048, 2048, 128, (False, True), ("f32", "bf16")),
+    Case("N2", "npu_tnd", "npu_fusion_attention TND, 8 sequences, 8192 tokens (sparse_mode 3)", 8,
+         16, 16, 8192, 8192, 128, (True,), ("f32", "bf16")),
     Case("D1", "decode", "decode, one new token", 8, 32, 8, 1, 8192, 128, (False,),
          ("f32", "bf16")),
     Case("D2", "decode", "decode, long cache", 1, 32, 8, 1, 65536, 128, (False,), ("bf16",)),
@@ -93,7 +97,7 @@ CASES = {c.id: c for c in [
 # Per mode: cases, dtypes, timed runs (ours and torch), naive runs, plot sweep lengths, M1
 # lengths, probe seconds.
 MODES = {
-    "quick": dict(cases=["F1", "F3", "T1", "V1", "D1", "M1", "S"], dtypes=["f32", "bf16"],
+    "quick": dict(cases=["F1", "F3", "T1", "V1", "N2", "D1", "M1", "S"], dtypes=["f32", "bf16"],
                   runs=3, naive_runs=1, sweep=[512, 1024, 2048], mem=[4096, 32768], probe_s=0.1),
     "default": dict(cases=list(CASES), dtypes=["f32", "bf16", "f16"], runs=5, naive_runs=3,
                     sweep=[512, 1024, 2048, 4096], mem=[4096, 8192, 16384, 32768], probe_s=0.2),
@@ -477,9 +481,22 @@ def run_forward(case, dt, causal, cfg, s=None, naive=None):
     k = randn(rng, (b, sk, hkv, d), dt)
     v = randn(rng, (b, sk, hkv, d), dt)
     scale = d ** -0.5
-    fns = {"ours": lambda: fa.flash_attn_func(q, k, v, causal=causal)}
+    npu = case.kind == "npu_bnsd"
+    if npu:
+        # An NPU script's tensors are BNSD-contiguous; ours reads them as they are.
+        qb, kb, vb = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (q, k, v))
+        mask = np.triu(np.ones((2048, 2048), bool), 1) if causal else None
+
+        def ours_npu():
+            out = fa.npu_fusion_attention(qb, kb, vb, hq, "BNSD", atten_mask=mask, scale=scale,
+                                          sparse_mode=3 if causal else 0)[0]
+            return out.transpose(0, 2, 1, 3)
+        fns = {"ours": ours_npu}
+    else:
+        fns = {"ours": lambda: fa.flash_attn_func(q, k, v, causal=causal)}
     if torch is not None:
-        tq, tk, tv = (to_torch(x).transpose(1, 2) for x in (q, k, v))
+        tq, tk, tv = ((to_torch(x) for x in (qb, kb, vb)) if npu else
+                      (to_torch(x).transpose(1, 2) for x in (q, k, v)))
         gqa = hq != hkv
 
         def torch_fn():
@@ -622,8 +639,15 @@ def run_varlen(case, dt, causal, cfg):
     k = randn(rng, (total, hkv, d), dt)
     v = randn(rng, (total, hkv, d), dt)
     scale = d ** -0.5
-    fns = {"ours": lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, maxlen, maxlen,
-                                                     causal=causal)}
+    if case.kind == "npu_tnd":
+        mask = np.triu(np.ones((2048, 2048), bool), 1)
+        ends = cu[1:].tolist()
+        fns = {"ours": lambda: fa.npu_fusion_attention(
+            q, k, v, hq, "TND", atten_mask=mask, scale=scale, sparse_mode=3,
+            actual_seq_qlen=ends, actual_seq_kvlen=ends)[0]}
+    else:
+        fns = {"ours": lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, maxlen, maxlen,
+                                                         causal=causal)}
     if torch is not None:
         # torch runs the padded batch; with top-left causal the padding (at the end of each
         # sequence) is never seen by a real row, so real rows are exact.
@@ -986,7 +1010,8 @@ def variants(case, dtypes):
     return [(dt, c) for dt in case.dtypes if dt in dtypes for c in case.causal]
 
 
-RUNNERS = {"fwd": run_forward, "train": run_train, "varlen": run_varlen, "decode": run_decode}
+RUNNERS = {"fwd": run_forward, "train": run_train, "varlen": run_varlen, "decode": run_decode,
+           "npu_bnsd": run_forward, "npu_tnd": run_varlen}
 
 
 def run_variant(case, dt, causal, cfg, **kw):
