@@ -38,6 +38,8 @@ class BuildExt(build_ext):
                                              extra_postargs=KERNEL + flags + extra,
                                              depends=ext.depends)
         ext.extra_objects = objects
+        # Relink when a kernel object changed (build_ext only compares sources and depends).
+        ext.depends = list(ext.depends) + objects
         ext.extra_compile_args = COMMON + ["-fopenmp"] + extra
         ext.extra_link_args = ["-fopenmp"] + ([f"-fsanitize={SANITIZE}"] if SANITIZE else [])
         super().build_extension(ext)

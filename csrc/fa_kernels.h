@@ -11,6 +11,9 @@
 
 /* Query rows per forward work item, shared by every build so the driver can split work. */
 #define FA_FWD_BLOCK_ROWS 64
+/* Query rows per work item of the AVX-512 float32 kernel: four 64-row sub-blocks share each K/V
+ * block fetched, which quarters the K/V traffic per flop. */
+#define FA_FWD_F32_AVX512_ROWS 256
 
 /* Computes one work item: up to the kernel's block_rows query rows starting at q0 of (batch bi,
  * head h). buf is scratch of fwd_scratch_bytes(p) bytes, 64-byte aligned. */
