@@ -31,7 +31,8 @@ static const fa_isa_table tables[FA_ISA_COUNT] = {
                      {fa_fwd_f32__avx2_item, fa_fwd_f32__avx2_scratch, FA_FWD_BLOCK_ROWS},
                      {fa_fwd_f64__avx2_item, fa_fwd_f64__avx2_scratch, FA_FWD_BLOCK_ROWS}},
     [FA_ISA_AVX512] = {"avx512",
-                       {fa_fwd_f32__avx512_item, fa_fwd_f32__avx512_scratch, FA_FWD_F32_AVX512_ROWS},
+                       {fa_fwd_f32__avx512_item, fa_fwd_f32__avx512_scratch, FA_FWD_F32_AVX512_ROWS,
+                        fa_fwd_f32__avx512_pack_bytes, fa_fwd_f32__avx512_pack},
                        {fa_fwd_f64__avx512_item, fa_fwd_f64__avx512_scratch, FA_FWD_BLOCK_ROWS}},
     /* AMX: the bf16 tile kernels are not built yet; the slot stays empty so selecting it fails
      * with a clear message rather than silently running another family. */

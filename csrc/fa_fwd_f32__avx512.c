@@ -1,82 +1,28 @@
 /* fa_fwd_f32__avx512.c: FlashAttention-2 forward with float32 arithmetic, AVX-512F intrinsics.
  *
- * Serves f32, f16 and bf16 inputs (f16/bf16 K/V rows are widened to float32 one key block at a
- * time; f32 K/V rows are read in place, through a table of row pointers, so strided, kvcache and
- * paged layouts need no copy).
+ * Serves f32, f16 and bf16 inputs. When the driver packs K/V (every row reused by >= 2 items),
+ * each (batch, kv head) is widened once into contiguous float32 rows padded to 16; otherwise f32 K
+ * rows are read in place through row pointers (any stride, kvcache, paged) and V blocks (and
+ * f16/bf16 K blocks) are widened block by block into scratch.
  *
- * Layout choice: the score block is kept transposed, S^T[key j][query q], with the 64 queries of
- * a work item in the 16 lanes of 4 vectors. Then
- *   S^T = K Q^T   broadcasts one key element against 4 vectors of the packed Q^T (d x 64),
- *   the softmax statistics of a query are per lane, so max and sum over keys are vertical
- *     vector operations (no horizontal reductions, no per-row scalar work),
- *   O += P V      broadcasts one P^T element against vectors of a V row read in place.
- * Per key block of FA_BC keys:
- *   x = mask(softcap(scale * (S + pse)) + alibi), keys outside a row's [lo, hi) -> -inf
- *   m' = max(m, max_j x); alpha = exp(m - m'); p = exp(x - m'); l = l alpha + sum_j p
- *   O = O alpha + P V    (the rescale is folded into loading the O tile)
- * Blocks that every row sees whole and calls without pse/mask/softcap/alibi skip the masking.
- *
- * exp: 2^t with t = (x - m') log2(e), t clamped below at -200 (so -inf gives exactly 0), split
- * t = n + r with n = round(t), |r| <= 1/2; 2^r by a degree-6 polynomial fitted on [-1/2, 1/2]
- * (Chebyshev-node least squares; max relative error 9.7e-8 including float32 Horner rounding);
- * 2^n applied by vscalefps, which flushes exactly to 0 far below the normal range.
+ * A work item is up to 256 queries of one (batch, head): four 64-query sub-blocks that share each
+ * K/V block fetched. The score block is kept transposed (see fa_fwd_avx512_lanes.h):
+ *   S^T = K Q^T   6 keys x 4 query vectors register tiles, one key element broadcast against 4
+ *                 vectors of the sub-block's packed Q^T (d x 64)
+ *   softmax       vertical, per query lane (fa_fwd_avx512_lanes.h)
+ *   O = alpha O + P V   6 queries x 4 d-vectors register tiles, broadcasting P^T elements against
+ *                 rows of the packed V block; the rescale is folded into loading the O tile.
+ * Blocks are 64 keys; blocks that every row sees whole in calls without pse/mask/softcap/alibi
+ * skip the masking.
  */
-#include <immintrin.h>
-#include <float.h>
-#include <math.h>
-#include <string.h>
-
 #include "fa_kernels.h"
-#include "fa_seq.h"
-#include "fa_philox.h"
-#include "fa_cvt.h"
+#include "fa_fwd_avx512_lanes.h"
 
 #define QB FA_FWD_F32_AVX512_ROWS /* queries per work item: QB / BR sub-blocks */
-#define BR 64                /* queries per sub-block: NQV vectors of 16 lanes */
-#define NQV (BR / 16)
 #define BC 64                /* keys per block */
 #define QK_MR 6              /* keys per S^T register tile (x NQV vectors) */
 #define PV_MR 6              /* queries per O register tile */
 #define PV_NR 4              /* vectors of d per O register tile */
-#define LOG2E 1.44269504088896341f
-
-#define INL static inline __attribute__((always_inline))
-
-/* ---- exp ------------------------------------------------------------------------------------ */
-
-INL __m512 exp2_clamped(__m512 t)
-{
-    /* max(c, t) returns t when t is NaN, so NaN scores still poison the row as they should. */
-    t = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_sub_ps(t, n);
-    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
-}
-
-/* e^(x - m) for x <= m (x = -inf gives 0). */
-INL __m512 exp_diff(__m512 x, __m512 m)
-{
-    return exp2_clamped(_mm512_mul_ps(_mm512_sub_ps(x, m), _mm512_set1_ps(LOG2E)));
-}
-
-/* tanh(y) = sign(y) (1 - e) / (1 + e), e = e^(-2|y|) <= 1: no overflow for any y. */
-INL __m512 tanh16(__m512 y)
-{
-    __m512 a = _mm512_abs_ps(y);
-    __m512 e = exp2_clamped(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f * LOG2E)));
-    __m512 one = _mm512_set1_ps(1.0f);
-    __m512 r = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-    /* copy y's sign onto r (r >= 0) */
-    __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32((int)0x80000000u));
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
-}
 
 /* ---- scratch -------------------------------------------------------------------------------- */
 
@@ -84,17 +30,15 @@ INL __m512 tanh16(__m512 y)
 #define DPAD(d) (((d) + 15) / 16 * 16)
 
 typedef struct {
+    fa_lanes ln;         /* ST, m, l, alpha (QB each), lo, hi (QB), c0, c1 (BR) */
     float *QT;           /* per sub-block d x BR: Q^T, padding queries zero */
-    float *ST;           /* (BC + QK_MR) x BR: S^T, then x, then P^T of the current block */
     float *O;            /* QB x dpad: unnormalized output */
-    float *Kc, *Vc;      /* BC x dpad: widened K/V rows for f16/bf16 inputs */
+    float *Kc, *Vc;      /* BC x dpad: widened K rows (f16/bf16) and the packed V block */
+    const float *Vb;     /* the current V block, BC x dpad (Vc or a slice of the packed copy) */
     float *zero;         /* dpad zeros: the K row of keys past the block end */
     const float **kp;    /* BC + QK_MR row pointers */
     const char **pf;     /* 2 BC: K and V rows of the next block, to prefetch */
     int64_t npf, pf_bytes;
-    float *m, *l, *alpha; /* QB each: running max, sum, last rescale factor */
-    int64_t *lo, *hi;    /* QB: visible keys of each row */
-    int32_t *c0, *c1;    /* BR: visible keys of each sub-block row within the current block */
 } work;
 
 /* The view of sub-block sb: its Q^T, output rows and statistics. */
@@ -103,11 +47,10 @@ static work sub_block(const work *w, int64_t sb, int64_t d)
     work v = *w;
     v.QT += sb * d * BR;
     v.O += sb * BR * DPAD(d);
-    v.m += sb * BR, v.l += sb * BR, v.alpha += sb * BR;
-    v.lo += sb * BR, v.hi += sb * BR;
+    v.ln.m += sb * BR, v.ln.l += sb * BR, v.ln.alpha += sb * BR;
+    v.ln.lo += sb * BR, v.ln.hi += sb * BR;
     return v;
 }
-
 
 static size_t scratch_size(int64_t d)
 {
@@ -124,75 +67,24 @@ static work carve(void *buf, int64_t d)
     char *p = (char *)buf;
     work w;
     w.QT = (float *)p, p += PIECE(d * QB * 4);
-    w.ST = (float *)p, p += PIECE((BC + QK_MR) * BR * 4);
+    w.ln.ST = (float *)p, p += PIECE((BC + QK_MR) * BR * 4);
     w.O = (float *)p, p += PIECE(QB * dp * 4);
     w.Kc = (float *)p, p += PIECE(BC * dp * 4);
     w.Vc = (float *)p, p += PIECE(BC * dp * 4);
     w.zero = (float *)p, p += PIECE(dp * 4);
     w.kp = (const float **)p, p += PIECE((BC + QK_MR) * sizeof(float *));
     w.pf = (const char **)p, p += PIECE(2 * BC * sizeof(char *));
-    w.m = (float *)p, p += PIECE(QB * 4);
-    w.l = (float *)p, p += PIECE(QB * 4);
-    w.alpha = (float *)p, p += PIECE(QB * 4);
-    w.lo = (int64_t *)p, p += PIECE(QB * 8);
-    w.hi = (int64_t *)p, p += PIECE(QB * 8);
-    w.c0 = (int32_t *)p, p += PIECE(BR * 4);
-    w.c1 = (int32_t *)p;
+    w.ln.m = (float *)p, p += PIECE(QB * 4);
+    w.ln.l = (float *)p, p += PIECE(QB * 4);
+    w.ln.alpha = (float *)p, p += PIECE(QB * 4);
+    w.ln.lo = (int64_t *)p, p += PIECE(QB * 8);
+    w.ln.hi = (int64_t *)p, p += PIECE(QB * 8);
+    w.ln.c0 = (int32_t *)p, p += PIECE(BR * 4);
+    w.ln.c1 = (int32_t *)p;
     return w;
 }
 
 size_t fa_fwd_f32__avx512_scratch(const fa_fwd_params *p) { return scratch_size(p->d); }
-
-/* ---- conversions ---------------------------------------------------------------------------- */
-
-static float load1(fa_dtype t, const void *base, int64_t idx)
-{
-    switch (t) {
-    case FA_F32: return ((const float *)base)[idx];
-    case FA_F64: return (float)((const double *)base)[idx];
-    case FA_F16: return (float)((const _Float16 *)base)[idx];
-    case FA_BF16: return fa_bf16_to_f32(((const uint16_t *)base)[idx]);
-    }
-    return 0;
-}
-
-/* n elements of f16/bf16/f32 at src widened to float32 at dst, zero-filled up to DPAD(n). */
-static void widen_row(fa_dtype t, const void *src, int64_t n, float *dst)
-{
-    for (int64_t k = 0; k < n; k += 16) {
-        __mmask16 mk = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
-        __m512 v;
-        if (t == FA_F16) {
-            v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)src + k));
-        } else if (t == FA_BF16) {
-            __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)src + k));
-            v = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-        } else {
-            v = _mm512_maskz_loadu_ps(mk, (const float *)src + k);
-        }
-        _mm512_store_ps(dst + k, v);
-    }
-}
-
-static void store_row(fa_dtype t, const float *src, float mul, int64_t n, void *dst)
-{
-    switch (t) {
-    case FA_F32:
-        for (int64_t i = 0; i < n; i++)
-            ((float *)dst)[i] = src[i] * mul;
-        break;
-    case FA_F16:
-        for (int64_t i = 0; i < n; i++)
-            ((_Float16 *)dst)[i] = (_Float16)(src[i] * mul);
-        break;
-    case FA_BF16:
-        for (int64_t i = 0; i < n; i++)
-            ((uint16_t *)dst)[i] = fa_f32_to_bf16(src[i] * mul);
-        break;
-    case FA_F64:
-        break; /* f64 inputs never reach the float32 kernel */
-    }
-}
 
 /* ---- micro-kernels -------------------------------------------------------------------------- */
 
@@ -284,15 +176,15 @@ static void gemm_qk(const work *w, int64_t d, int64_t nc, int pf)
     for (; j + QK_MR <= nc; j += QK_MR) {
         if (pf)
             prefetch_rows(w, j, j + QK_MR);
-        qk_tile(QK_MR, w->QT, w->kp + j, d, w->ST + j * BR);
+        qk_tile(QK_MR, w->QT, w->kp + j, d, w->ln.ST + j * BR);
     }
     for (; j < nc; j += 4)
-        qk_tile(4, w->QT, w->kp + j, d, w->ST + j * BR);
+        qk_tile(4, w->QT, w->kp + j, d, w->ln.ST + j * BR);
     if (pf)
         prefetch_rows(w, nc / QK_MR * QK_MR, BC);
 }
 
-#define PV_CASE(MR, NR) pv_tile(MR, NR, PT, V, dp, nc, w->alpha + r0, O, dp)
+#define PV_CASE(MR, NR) pv_tile(MR, NR, PT, V, dp, nc, w->ln.alpha + r0, O, dp)
 #define PV_NR_SWITCH(MR)                                                                           \
     switch (nr) {                                                                                  \
     case 1: PV_CASE(MR, 1); break;                                                                 \
@@ -307,15 +199,15 @@ static void gemm_pv(const work *w, int64_t d, int64_t nc, int64_t rows)
     const int64_t dp = DPAD(d), nvec = dp / 16;
     for (int64_t c0 = 0; c0 < nvec; c0 += PV_NR) {
         const int nr = nvec - c0 < PV_NR ? (int)(nvec - c0) : PV_NR;
-        const float *V = w->Vc + c0 * 16;
+        const float *V = w->Vb + c0 * 16;
         int64_t r0 = 0;
         for (; r0 + PV_MR <= rows; r0 += PV_MR) {
-            const float *PT = w->ST + r0;
+            const float *PT = w->ln.ST + r0;
             float *O = w->O + r0 * dp + c0 * 16;
             PV_NR_SWITCH(PV_MR)
         }
         for (; r0 < rows; r0 += 4) {
-            const float *PT = w->ST + r0;
+            const float *PT = w->ln.ST + r0;
             float *O = w->O + r0 * dp + c0 * 16;
             PV_NR_SWITCH(4)
         }
@@ -328,211 +220,65 @@ static void gemm_pv(const work *w, int64_t d, int64_t nc, int64_t rows)
  * [kb0, kb0 + nc), plus the addresses of the next block's rows (up to kend) for gemm_qk to
  * prefetch: consecutive keys are a head stride apart (often a page or more), beyond the reach of
  * the hardware prefetchers. */
-static void block_rows(const fa_fwd_params *p, const fa_seq *s, int64_t hk, int64_t kb0,
-                       int64_t nc, int64_t kend, int want_v, work *w)
+static void block_rows(const fa_fwd_params *p, const fa_seq *s, int64_t hk, const float *packed,
+                       int64_t kb0, int64_t nc, int64_t kend, int want_v, work *w)
 {
     const int64_t d = p->d, dp = DPAD(d), es = fa_dtype_size(p->dtype);
-    const int64_t nnext = kend - (kb0 + BC) < BC ? kend - (kb0 + BC) : BC;
-    w->npf = nnext > 0 ? nnext : 0;
-    for (int64_t j = 0; j < w->npf; j++) {
-        w->pf[2 * j] = fa_key_ptr(p, &p->k, s, kb0 + BC + j, hk, es);
-        w->pf[2 * j + 1] = want_v ? fa_key_ptr(p, &p->v, s, kb0 + BC + j, hk, es) : NULL;
-    }
-    w->pf_bytes = d * es;
-    for (int64_t j = 0; j < nc; j++) {
-        const char *kr = fa_key_ptr(p, &p->k, s, kb0 + j, hk, es);
-        if (p->dtype == FA_F32) {
-            w->kp[j] = (const float *)kr;
-        } else {
-            widen_row(p->dtype, kr, d, w->Kc + j * dp);
-            w->kp[j] = w->Kc + j * dp;
+    if (packed) {
+        /* Contiguous rows: the hardware prefetchers keep up on their own. */
+        const float *Kp = packed, *Vp = packed + s->sk * dp;
+        for (int64_t j = 0; j < nc; j++)
+            w->kp[j] = Kp + (kb0 + j) * dp;
+        w->Vb = Vp + kb0 * dp;
+        w->npf = 0;
+    } else {
+        const int64_t nnext = kend - (kb0 + BC) < BC ? kend - (kb0 + BC) : BC;
+        w->npf = nnext > 0 ? nnext : 0;
+        for (int64_t j = 0; j < w->npf; j++) {
+            w->pf[2 * j] = fa_key_ptr(p, &p->k, s, kb0 + BC + j, hk, es);
+            w->pf[2 * j + 1] = want_v ? fa_key_ptr(p, &p->v, s, kb0 + BC + j, hk, es) : NULL;
         }
-        if (!want_v)
-            continue;
-        /* V rows are always copied: PV reads the block once per query tile, and rows at a
-         * large power-of-two stride would all land in the same few L1 sets. */
-        widen_row(p->dtype, fa_key_ptr(p, &p->v, s, kb0 + j, hk, es), d, w->Vc + j * dp);
+        w->pf_bytes = d * es;
+        for (int64_t j = 0; j < nc; j++) {
+            const char *kr = fa_key_ptr(p, &p->k, s, kb0 + j, hk, es);
+            if (p->dtype == FA_F32) {
+                w->kp[j] = (const float *)kr;
+            } else {
+                widen_row(p->dtype, kr, d, w->Kc + j * dp);
+                w->kp[j] = w->Kc + j * dp;
+            }
+            /* V rows are always copied: PV reads the block once per query tile, and rows at a
+             * large power-of-two stride would all land in the same few L1 sets. */
+            if (want_v)
+                widen_row(p->dtype, fa_key_ptr(p, &p->v, s, kb0 + j, hk, es), d, w->Vc + j * dp);
+        }
+        w->Vb = w->Vc;
     }
     for (int64_t j = nc; j < nc + 4; j++) /* the tiles of gemm_qk overrun nc by at most 3 */
         w->kp[j] = w->zero;
 }
 
-/* ---- scores --------------------------------------------------------------------------------- */
-
-/* Turns S^T[0..nc) of the block (keys kb0..) into final scores x in place: pse, scale, softcap,
- * alibi, band (-inf outside [c0, c1) of each query) and the explicit mask. `plain` means none of
- * these apply to any lane, leaving only the scale. */
-static void block_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
-                         int64_t nrows, int64_t kb0, int64_t nc, int plain, work *w)
+/* Packed copy of (batch bi, kv head hk): K then V, each sk x dpad float32, zero padded. */
+size_t fa_fwd_f32__avx512_pack_bytes(const fa_fwd_params *p, int64_t sk)
 {
-    float *ST = w->ST;
-    if (p->pse) {
-        for (int64_t r = 0; r < nrows; r++) {
-            const int64_t base = s->q_batch * p->pse_sb + h * p->pse_sh + (q0 + r) * p->pse_sr;
-            for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
-                ST[c * BR + r] += load1(p->pse_dtype, p->pse, base + (kb0 + c) * p->pse_sc);
-        }
-    }
-    const __m512 scale = _mm512_set1_ps((float)p->scale);
-    if (plain) {
-        for (int64_t j = 0; j < nc; j++)
-            for (int v = 0; v < NQV; v++)
-                _mm512_store_ps(ST + j * BR + v * 16,
-                                _mm512_mul_ps(_mm512_load_ps(ST + j * BR + v * 16), scale));
-        return;
-    }
-    const int softcap = p->softcap > 0, alibi = p->alibi != NULL;
-    const __m512 cap = _mm512_set1_ps((float)p->softcap);
-    const __m512 inv_cap = _mm512_set1_ps((float)(1.0 / p->softcap));
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    const __m512 slope = _mm512_set1_ps(alibi ? p->alibi[s->bi * p->alibi_sb + h] : 0.0f);
-    for (int v = 0; v < NQV; v++) {
-        const __m512i c0 = _mm512_load_si512(w->c0 + v * 16), c1 = _mm512_load_si512(w->c1 + v * 16);
-        /* alibi distance |i + sk - sq - j|, bottom-right aligned; per lane the diagonal's column */
-        float dg[16];
-        for (int t = 0; t < 16; t++)
-            dg[t] = (float)(q0 + v * 16 + t + s->sk - s->sq - kb0);
-        const __m512 diag = _mm512_loadu_ps(dg);
-        for (int64_t j = 0; j < nc; j++) {
-            float *px = ST + j * BR + v * 16;
-            __m512 x = _mm512_mul_ps(_mm512_load_ps(px), scale);
-            if (softcap)
-                x = _mm512_mul_ps(cap, tanh16(_mm512_mul_ps(x, inv_cap)));
-            if (alibi) {
-                __m512 dist = _mm512_abs_ps(_mm512_sub_ps(diag, _mm512_set1_ps((float)j)));
-                x = _mm512_fnmadd_ps(slope, dist, x);
-            }
-            const __m512i jj = _mm512_set1_epi32((int)j);
-            __mmask16 in = _mm512_cmple_epi32_mask(c0, jj) & _mm512_cmplt_epi32_mask(jj, c1);
-            _mm512_store_ps(px, _mm512_mask_blend_ps(in, ninf, x));
-        }
-    }
-    if (p->mask) {
-        const float fill = (float)p->mask_fill;
-        for (int64_t r = 0; r < nrows; r++) {
-            const uint8_t *mrow = p->mask + s->q_batch * p->mask_sb + h * p->mask_sh + (q0 + r) * p->mask_sr;
-            for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
-                if (mrow[(kb0 + c) * p->mask_sc])
-                    ST[c * BR + r] = fill;
-        }
-    }
+    return (size_t)(2 * sk * DPAD(p->d)) * sizeof(float);
 }
 
-/* Online softmax over the block's nc key rows: updates m, l, sets alpha, turns x into P^T. */
-static void block_softmax(work *w, int64_t nc)
+void fa_fwd_f32__avx512_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, void *dst)
 {
-    float *ST = w->ST;
-    for (int v = 0; v < NQV; v++) {
-        const __m512 m_old = _mm512_load_ps(w->m + v * 16);
-        __m512 mx = m_old;
-        for (int64_t j = 0; j < nc; j++)
-            mx = _mm512_max_ps(_mm512_load_ps(ST + j * BR + v * 16), mx);
-        /* A lane that has seen nothing but -inf keeps m = -inf; subtracting 0 instead keeps its
-         * exponentials at exactly 0 (and alpha = 0 on the all-zero accumulators). */
-        __mmask16 none = _mm512_cmpeq_ps_mask(mx, _mm512_set1_ps(-INFINITY));
-        const __m512 mu = _mm512_mask_blend_ps(none, mx, _mm512_setzero_ps());
-        __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-        int64_t j = 0;
-        for (; j + 1 < nc; j += 2) {
-            __m512 e0 = exp_diff(_mm512_load_ps(ST + j * BR + v * 16), mu);
-            __m512 e1 = exp_diff(_mm512_load_ps(ST + (j + 1) * BR + v * 16), mu);
-            _mm512_store_ps(ST + j * BR + v * 16, e0);
-            _mm512_store_ps(ST + (j + 1) * BR + v * 16, e1);
-            sum0 = _mm512_add_ps(sum0, e0);
-            sum1 = _mm512_add_ps(sum1, e1);
-        }
-        if (j < nc) {
-            __m512 e0 = exp_diff(_mm512_load_ps(ST + j * BR + v * 16), mu);
-            _mm512_store_ps(ST + j * BR + v * 16, e0);
-            sum0 = _mm512_add_ps(sum0, e0);
-        }
-        const __m512 alpha = exp_diff(m_old, mu);
-        const __m512 l = _mm512_load_ps(w->l + v * 16);
-        _mm512_store_ps(w->l + v * 16, _mm512_fmadd_ps(l, alpha, _mm512_add_ps(sum0, sum1)));
-        _mm512_store_ps(w->m + v * 16, mx);
-        _mm512_store_ps(w->alpha + v * 16, alpha);
-    }
-}
-
-/* Zero the dropped entries of P^T for query rows [0, nrows) within their visible columns. */
-static void block_dropout(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
-                          int64_t nrows, int64_t kb0, const work *w, float *PT, uint64_t thr)
-{
-    const uint64_t bh = (uint64_t)(s->bi * p->h + h);
-    for (int64_t r = 0; r < nrows; r++) {
-        const int64_t j0 = kb0 + w->c0[r], j1 = kb0 + w->c1[r];
-        for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
-            uint32_t rnd[4];
-            fa_dropout_draw4(p->seed, p->offset, bh, (uint64_t)(q0 + r), (uint64_t)(j4 >> 2), rnd);
-            for (int t = 0; t < 4; t++) {
-                int64_t j = j4 + t;
-                if (j >= j0 && j < j1 && (uint64_t)rnd[t] < thr)
-                    PT[(j - kb0) * BR + r] = 0;
-            }
-        }
-    }
-}
-
-/* Per-row visible columns of block [kb0, kb0 + nc); returns 1 if every real row sees it all. */
-static int block_band(work *w, int64_t nrows, int64_t kb0, int64_t nc)
-{
-    int full = 1;
-    for (int64_t r = 0; r < BR; r++) {
-        int64_t a = 0, b = 0;
-        if (r < nrows) {
-            a = w->lo[r] - kb0, b = w->hi[r] - kb0;
-            a = a < 0 ? 0 : a > nc ? nc : a;
-            b = b < 0 ? 0 : b > nc ? nc : b;
-            if (b < a)
-                b = a;
-            full &= a == 0 && b == nc;
-        }
-        w->c0[r] = (int32_t)a;
-        w->c1[r] = (int32_t)b;
-    }
-    return full;
-}
-
-/* Writes the normalized probabilities of one sub-block x key block (scores already in ST) into
- * S_dmask, entries that dropout removes negated. */
-static void s_dmask_block(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t qs,
-                          int64_t nr, int64_t kb0, int64_t nc, int has_drop, uint64_t thr, work *w)
-{
-    for (int v = 0; v < NQV; v++) {
-        const __m512 m = _mm512_load_ps(w->m + v * 16);
-        const __m512 inv_l = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_load_ps(w->l + v * 16));
-        for (int64_t j = 0; j < nc; j++) {
-            float *px = w->ST + j * BR + v * 16;
-            _mm512_store_ps(px, _mm512_mul_ps(exp_diff(_mm512_load_ps(px), m), inv_l));
-        }
-    }
-    for (int64_t r = 0; r < nr; r++) {
-        if (!(w->l[r] > 0))
-            continue;
-        float *out = p->s_dmask + s->bi * p->sd_sb + h * p->sd_sh + (qs + r) * p->sd_sr;
-        for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
-            out[kb0 + c] = w->ST[c * BR + r];
-    }
-    if (!has_drop)
-        return;
-    /* The sign marks dropped entries: run the dropout draw on a block of ones. */
-    for (int64_t k = 0; k < nc * BR; k++)
-        w->ST[k] = 1;
-    block_dropout(p, s, h, qs, nr, kb0, w, w->ST, thr);
-    for (int64_t r = 0; r < nr; r++) {
-        if (!(w->l[r] > 0))
-            continue;
-        float *out = p->s_dmask + s->bi * p->sd_sb + h * p->sd_sh + (qs + r) * p->sd_sr;
-        for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
-            if (w->ST[c * BR + r] == 0)
-                out[kb0 + c] = -out[kb0 + c];
+    const fa_seq s = fa_seq_of(p, bi);
+    const int64_t d = p->d, dp = DPAD(d), es = fa_dtype_size(p->dtype);
+    float *Kp = (float *)dst, *Vp = Kp + s.sk * dp;
+    for (int64_t j = 0; j < s.sk; j++) {
+        widen_row(p->dtype, fa_key_ptr(p, &p->k, &s, j, hk, es), d, Kp + j * dp);
+        widen_row(p->dtype, fa_key_ptr(p, &p->v, &s, j, hk, es), d, Vp + j * dp);
     }
 }
 
 /* ---- the work item ---------------------------------------------------------------------------- */
 
 fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q0,
-                                  void *buf)
+                                  const void *packed, void *buf)
 {
     const int64_t d = p->d, dp = DPAD(d);
     const fa_seq s = fa_seq_of(p, bi);
@@ -550,10 +296,10 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
     for (int64_t sb = 0; sb < nsub; sb++) {
         smin[sb] = INT64_MAX, smax[sb] = 0;
         for (int64_t r = sb * BR; r < nrows && r < (sb + 1) * BR; r++) {
-            fa_row_band(p, &s, q0 + r, &w.lo[r], &w.hi[r]);
-            if (w.lo[r] < w.hi[r]) {
-                smin[sb] = w.lo[r] < smin[sb] ? w.lo[r] : smin[sb];
-                smax[sb] = w.hi[r] > smax[sb] ? w.hi[r] : smax[sb];
+            fa_row_band(p, &s, q0 + r, &w.ln.lo[r], &w.ln.hi[r]);
+            if (w.ln.lo[r] < w.ln.hi[r]) {
+                smin[sb] = w.ln.lo[r] < smin[sb] ? w.ln.lo[r] : smin[sb];
+                smax[sb] = w.ln.hi[r] > smax[sb] ? w.ln.hi[r] : smax[sb];
             }
         }
         kmin = smin[sb] < kmin ? smin[sb] : kmin;
@@ -572,11 +318,11 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
             qt[k * BR] = w.Kc[k];
     }
     for (int64_t r = 0; r < nsub * BR; r++) {
-        w.m[r] = -INFINITY;
-        w.l[r] = 0;
+        w.ln.m[r] = -INFINITY;
+        w.ln.l[r] = 0;
         if (p->sink && r < nrows) {
-            w.m[r] = p->sink[h];
-            w.l[r] = 1;
+            w.ln.m[r] = p->sink[h];
+            w.ln.l[r] = 1;
         }
     }
     memset(w.O, 0, (size_t)(nsub * BR * dp) * 4);
@@ -585,7 +331,7 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
     /* Each key block is fetched once and used by every sub-block whose band meets it. */
     for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BC) {
         const int64_t nc = kmax - kb0 < BC ? kmax - kb0 : BC;
-        block_rows(p, &s, hk, kb0, nc, kmax, 1, &w);
+        block_rows(p, &s, hk, (const float *)packed, kb0, nc, kmax, 1, &w);
         int pf_done = 0;
         for (int64_t sb = 0; sb < nsub; sb++) {
             if (smin[sb] >= kb0 + nc || smax[sb] <= kb0)
@@ -593,13 +339,13 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
             work v = sub_block(&w, sb, d);
             const int64_t qs = q0 + sb * BR;
             const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
-            const int full = block_band(&v, nr, kb0, nc);
+            const int full = block_band(&v.ln, nr, kb0, nc);
             gemm_qk(&v, d, nc, !pf_done);
             pf_done = 1;
-            block_scores(p, &s, h, qs, nr, kb0, nc, full && !featured, &v);
-            block_softmax(&v, nc);
+            block_scores(p, &s, h, qs, nr, kb0, nc, full && !featured, &v.ln);
+            block_softmax(&v.ln, nc);
             if (has_drop)
-                block_dropout(p, &s, h, qs, nr, kb0, &v, v.ST, thr);
+                block_dropout(p, &s, h, qs, nr, kb0, &v.ln, v.ln.ST, thr);
             gemm_pv(&v, d, nc, (nr + 3) / 4 * 4);
         }
     }
@@ -608,22 +354,22 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t i = q0 + r;
         char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * es;
-        const int empty = !(w.l[r] > 0);
-        const int invalid = p->invalid_line_zero && w.m[r] == (float)p->mask_fill;
+        const int empty = !(w.ln.l[r] > 0);
+        const int invalid = p->invalid_line_zero && w.ln.m[r] == (float)p->mask_fill;
         float *Or = w.O + r * dp;
         if (empty || invalid)
             memset(Or, 0, (size_t)d * 4);
-        store_row(p->dtype, Or, empty || invalid ? 0.0f : drop_scale / w.l[r], d, dst);
+        store_row(p->dtype, Or, empty || invalid ? 0.0f : drop_scale / w.ln.l[r], d, dst);
         const int64_t srow = p->cu_q ? s.q_row0 + i : i;
         const int64_t sbat = p->cu_q ? 0 : s.bi;
         if (p->lse) {
-            float v = empty ? INFINITY : w.m[r] + (float)log((double)w.l[r]);
+            float v = empty ? INFINITY : w.ln.m[r] + (float)log((double)w.ln.l[r]);
             ((float *)p->lse)[sbat * p->lse_sb + h * p->lse_sh + srow * p->lse_sr] = v;
         }
         if (p->rowmax) {
             const int64_t o = sbat * p->stat_sb + h * p->stat_sh + srow * p->stat_sr;
-            ((float *)p->rowmax)[o] = w.m[r];
-            ((float *)p->rowsum)[o] = invalid ? FLT_MAX : w.l[r];
+            ((float *)p->rowmax)[o] = w.ln.m[r];
+            ((float *)p->rowsum)[o] = invalid ? FLT_MAX : w.ln.l[r];
         }
     }
 
@@ -632,17 +378,17 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
     if (p->s_dmask) {
         for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BC) {
             const int64_t nc = kmax - kb0 < BC ? kmax - kb0 : BC;
-            block_rows(p, &s, hk, kb0, nc, kmax, 0, &w);
+            block_rows(p, &s, hk, (const float *)packed, kb0, nc, kmax, 0, &w);
             for (int64_t sb = 0; sb < nsub; sb++) {
                 if (smin[sb] >= kb0 + nc || smax[sb] <= kb0)
                     continue;
                 work v = sub_block(&w, sb, d);
                 const int64_t qs = q0 + sb * BR;
                 const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
-                block_band(&v, nr, kb0, nc);
+                block_band(&v.ln, nr, kb0, nc);
                 gemm_qk(&v, d, nc, 0);
-                block_scores(p, &s, h, qs, nr, kb0, nc, 0, &v);
-                s_dmask_block(p, &s, h, qs, nr, kb0, nc, has_drop, thr, &v);
+                block_scores(p, &s, h, qs, nr, kb0, nc, 0, &v.ln);
+                s_dmask_block(p, &s, h, qs, nr, kb0, nc, has_drop, thr, &v.ln);
             }
         }
     }

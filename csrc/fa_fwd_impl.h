@@ -343,7 +343,8 @@ static void row_dropout(const fa_fwd_params *p, const fa_seq *s, int64_t h, int6
 
 /* ---- the work item ----------------------------------------------------------------------------- */
 
-fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q0, void *buf)
+fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q0,
+                        const void *packed, void *buf)
 {
     const int64_t d = p->d, dp = DPAD(d);
     const fa_seq s = fa_seq_of(p, bi);
