@@ -18,6 +18,10 @@ ISA_FLAGS = {
     "scalar": ["-fno-tree-vectorize"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    # The AMX family's own kernels (bf16 tiles); fa_dispatch.c checks AMX-TILE/BF16, AVX512-BF16
+    # and the OS tile-data permission before they can be selected.
+    "amx": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma",
+            "-mf16c", "-mamx-tile", "-mamx-bf16"],
 }
 SANITIZE = os.environ.get("FLASH_ATTN_C_SANITIZE", "")  # e.g. "address,undefined" (make asan)
 

@@ -69,7 +69,9 @@ static int64_t item_cost(const fa_fwd_params *p, const fa_seq *s, int64_t q0, in
 fa_status fa_fwd(const fa_fwd_params *p)
 {
     const fa_isa_table *t = fa_isa_current();
-    const fa_fwd_kernel *k = p->dtype == FA_F64 ? &t->fwd_f64 : &t->fwd_f32;
+    const fa_fwd_kernel *k = p->dtype == FA_F64                         ? &t->fwd_f64
+                             : p->dtype == FA_BF16 && t->fwd_bf16.item ? &t->fwd_bf16
+                                                                       : &t->fwd_f32;
     if (!k->item)
         return FA_ERR_ISA;
     const int64_t br = k->block_rows;

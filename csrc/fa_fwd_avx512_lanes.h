@@ -76,7 +76,7 @@ typedef struct {
 
 /* ---- conversions ---------------------------------------------------------------------------- */
 
-static float load1(fa_dtype t, const void *base, int64_t idx)
+static inline float load1(fa_dtype t, const void *base, int64_t idx)
 {
     switch (t) {
     case FA_F32: return ((const float *)base)[idx];
@@ -88,7 +88,7 @@ static float load1(fa_dtype t, const void *base, int64_t idx)
 }
 
 /* n elements of f16/bf16/f32 at src widened to float32 at dst, zero-filled up to DPAD(n). */
-static void widen_row(fa_dtype t, const void *src, int64_t n, float *dst)
+static inline void widen_row(fa_dtype t, const void *src, int64_t n, float *dst)
 {
     for (int64_t k = 0; k < n; k += 16) {
         __mmask16 mk = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
@@ -105,7 +105,7 @@ static void widen_row(fa_dtype t, const void *src, int64_t n, float *dst)
     }
 }
 
-static void store_row(fa_dtype t, const float *src, float mul, int64_t n, void *dst)
+static inline void store_row(fa_dtype t, const float *src, float mul, int64_t n, void *dst)
 {
     switch (t) {
     case FA_F32:

@@ -37,8 +37,9 @@ typedef struct {
 
 typedef struct {
     const char *name;
-    fa_fwd_kernel fwd_f32; /* f32, f16, bf16 inputs */
-    fa_fwd_kernel fwd_f64; /* f64 inputs */
+    fa_fwd_kernel fwd_f32;  /* f32, f16 inputs, and bf16 where fwd_bf16 is empty */
+    fa_fwd_kernel fwd_f64;  /* f64 inputs */
+    fa_fwd_kernel fwd_bf16; /* bf16 inputs (AMX); empty: fwd_f32 serves them */
 } fa_isa_table;
 
 #define FA_DECLARE_ISA(isa)                                                                        \
@@ -54,6 +55,11 @@ FA_DECLARE_ISA(avx2)
 FA_DECLARE_ISA(avx512)
 size_t fa_fwd_f32__avx512_pack_bytes(const fa_fwd_params *, int64_t);
 void fa_fwd_f32__avx512_pack(const fa_fwd_params *, int64_t, int64_t, void *);
+fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *, int64_t, int64_t, int64_t, const void *,
+                                void *);
+size_t fa_fwd_bf16__amx_scratch(const fa_fwd_params *);
+size_t fa_fwd_bf16__amx_pack_bytes(const fa_fwd_params *, int64_t);
+void fa_fwd_bf16__amx_pack(const fa_fwd_params *, int64_t, int64_t, void *);
 
 /* ---- dispatch (fa_dispatch.c) ---- */
 typedef enum { FA_ISA_SCALAR = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2, FA_ISA_AMX = 3, FA_ISA_COUNT } fa_isa;
