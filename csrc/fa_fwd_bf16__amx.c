@@ -1,12 +1,14 @@
 /* fa_fwd_bf16__amx.c: FlashAttention-2 forward for bfloat16 inputs on AMX (tdpbf16ps), float32
  * scores, statistics and accumulators.
  *
- * Layout: the driver packs each (batch, kv head) once: K as bf16 rows [skp][d32] (an AMX A tile
- * is 16 keys x 32 dims, loaded straight from it) and V transposed, V^T [d32][skp] (A tile 16 dims
- * x 32 keys); d32 = d rounded up to 32, skp = sk rounded up to 16 plus one block of zero keys so
- * tiles may run past the last key. Q is packed per item in the VNNI pair layout of a B tile.
- * A work item is up to 256 queries in four 64-query sub-blocks; per 64-key block and sub-block:
- *   S^T (64 keys x 64 queries, fp32) = K Q^T: 2x2 C tiles per step, K dims in chunks of 32
+ * Layout: the driver packs each (batch, kv head) once, tile by tile: K in A tiles of 16 keys x 32
+ * dims and V^T in A tiles of 16 dims x 32 keys, each a contiguous 1 KiB (a tile load streams 16
+ * consecutive lines; row-major K and V^T rows a stride apart measured ~10% slower overall); dims
+ * padded to d32 = d rounded up to 32, keys to a multiple of 32 plus one block of zero keys so
+ * tiles may run past the last key. Q is packed per item in the VNNI pair layout of a B tile, and
+ * key blocks start on multiples of 32.
+ * A work item is up to 256 queries in four 64-query sub-blocks; per 128-key block and sub-block:
+ *   S^T (128 keys x 64 queries, fp32) = K Q^T: 2x2 C tiles per step, dims in chunks of 32
  *   softmax on S^T with queries in lanes (fa_fwd_avx512_lanes.h, shared with the FMA kernel)
  *   P^T rounded to bf16 and interleaved in key pairs (the B tile layout), keys past the block 0
  *   O^T (d x 64, fp32, in scratch) = alpha O^T + V^T P^T: 2x2 C tiles loaded from and stored
@@ -24,7 +26,7 @@
 
 #define PIECE(bytes) ((((size_t)(bytes)) + 63) / 64 * 64)
 #define D32(d) (((d) + 31) / 32 * 32)
-#define SKP(sk) (((sk) + 15) / 16 * 16 + BC)
+#define SKP(sk) (((sk) + 31) / 32 * 32 + BC)
 
 typedef struct {
     fa_lanes ln;
@@ -83,17 +85,28 @@ size_t fa_fwd_bf16__amx_pack_bytes(const fa_fwd_params *p, int64_t sk)
     return (size_t)(2 * SKP(sk) * D32(p->d)) * 2;
 }
 
+/* Both operands are stored tile by tile, each A tile a contiguous 1 KiB (16 rows x 64 bytes), so
+ * a tile load streams 16 consecutive cache lines:
+ *   K   tile (key group g of 16, dim chunk c of 32) at ((g * nd + c) * 16 + key % 16) * 32 + dim % 32
+ *   V^T tile (key chunk t of 32, dim group e of 16) at ((t * nd16 + e) * 16 + dim % 16) * 32 + key % 32
+ * with nd = d32 / 32, nd16 = d32 / 16. Keys and dims past the end are zero. */
 void fa_fwd_bf16__amx_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, void *dst)
 {
     const fa_seq s = fa_seq_of(p, bi);
-    const int64_t d = p->d, d32 = D32(d), skp = SKP(s.sk);
-    uint16_t *Kp = (uint16_t *)dst, *Vt = Kp + skp * d32;
+    const int64_t d = p->d, d32 = D32(d), skp = SKP(s.sk), nd = d32 / 32, nd16 = d32 / 16;
+    uint16_t *Kb = (uint16_t *)dst, *Vb = Kb + skp * d32;
     memset(dst, 0, fa_fwd_bf16__amx_pack_bytes(p, s.sk));
     for (int64_t j = 0; j < s.sk; j++) {
-        memcpy(Kp + j * d32, fa_key_ptr(p, &p->k, &s, j, hk, 2), (size_t)d * 2);
+        const uint16_t *kr = (const uint16_t *)fa_key_ptr(p, &p->k, &s, j, hk, 2);
         const uint16_t *vr = (const uint16_t *)fa_key_ptr(p, &p->v, &s, j, hk, 2);
+        uint16_t *kt = Kb + (j / 16) * nd * 512 + (j % 16) * 32;
+        for (int64_t c = 0; c < nd; c++) {
+            int64_t n = d - c * 32 < 32 ? d - c * 32 : 32;
+            memcpy(kt + c * 512, kr + c * 32, (size_t)n * 2);
+        }
+        uint16_t *vt = Vb + (j / 32) * nd16 * 512 + j % 32;
         for (int64_t c = 0; c < d; c++)
-            Vt[c * skp + j] = vr[c];
+            vt[(c / 16) * 512 + (c % 16) * 32] = vr[c];
     }
 }
 
@@ -120,12 +133,12 @@ static void amx_configure(void)
 
 /* S^T[0..64)[0..64) of the sub-block for keys kb0..kb0+64 (rows past nc are finite garbage that
  * the softmax never reads). Tiles: C 0-3, A (K) 4-5, B (Q) 6-7. */
-static void amx_qk(const uint16_t *Kp, int64_t d32, int64_t kb0, int64_t nc, const work *w)
+static void amx_qk(const uint16_t *Kb, int64_t d32, int64_t kb0, int64_t nc, const work *w)
 {
     const int64_t nd = d32 / 32, kgroups = (nc + 15) / 16;
     float *ST = w->ln.ST;
     for (int64_t kg = 0; kg < kgroups; kg += 2) {
-        const uint16_t *k0 = Kp + (kb0 + kg * 16) * d32, *k1 = k0 + 16 * d32;
+        const uint16_t *k0 = Kb + (kb0 / 16 + kg) * nd * 512, *k1 = k0 + nd * 512;
         for (int qg = 0; qg < NQG; qg += 2) {
             const uint16_t *q0 = w->Qv + qg * nd * 512, *q1 = q0 + nd * 512;
             _tile_zero(0);
@@ -133,8 +146,16 @@ static void amx_qk(const uint16_t *Kp, int64_t d32, int64_t kb0, int64_t nc, con
             _tile_zero(2);
             _tile_zero(3);
             for (int64_t dc = 0; dc < nd; dc++) {
-                _tile_loadd(4, k0 + dc * 32, d32 * 2);
-                _tile_loadd(5, k1 + dc * 32, d32 * 2);
+                if (qg == NQG - 2 && kg + 2 < kgroups) {
+                    /* the next key-group pair's tiles for this chunk, into L1 ahead of use */
+                    const char *nx = (const char *)(k0 + 2 * nd * 512 + dc * 512);
+                    for (int b = 0; b < 1024; b += 64) {
+                        _mm_prefetch(nx + b, _MM_HINT_T0);
+                        _mm_prefetch(nx + nd * 1024 + b, _MM_HINT_T0);
+                    }
+                }
+                _tile_loadd(4, k0 + dc * 512, 64);
+                _tile_loadd(5, k1 + dc * 512, 64);
                 _tile_loadd(6, q0 + dc * 512, 64);
                 _tile_loadd(7, q1 + dc * 512, 64);
                 _tile_dpbf16ps(0, 4, 6);
@@ -174,8 +195,7 @@ static void pack_p(const work *w, int64_t nc)
 }
 
 /* O^T = alpha O^T + V^T P^T for keys kb0..kb0+nc. Tiles: C 0-3 (O^T), A (V^T) 4-5, B (P) 6-7. */
-static void amx_pv(const uint16_t *Vt, int64_t skp, int64_t d32, int64_t kb0, int64_t nc,
-                   const work *w)
+static void amx_pv(const uint16_t *Vb, int64_t d32, int64_t kb0, int64_t nc, const work *w)
 {
     float *OT = w->OT;
     for (int qg = 0; qg < NQG; qg++) {
@@ -189,7 +209,7 @@ static void amx_pv(const uint16_t *Vt, int64_t skp, int64_t d32, int64_t kb0, in
     }
     const int64_t nkc = (nc + 31) / 32;
     for (int64_t dg = 0; dg < d32 / 16; dg += 2) {
-        const uint16_t *v0 = Vt + dg * 16 * skp + kb0, *v1 = v0 + 16 * skp;
+        const uint16_t *v0 = Vb + ((kb0 / 32) * (d32 / 16) + dg) * 512, *v1 = v0 + 512;
         for (int qg = 0; qg < NQG; qg += 2) {
             float *c = OT + dg * 16 * BR + qg * 16;
             _tile_loadd(0, c, BR * 4);
@@ -197,8 +217,14 @@ static void amx_pv(const uint16_t *Vt, int64_t skp, int64_t d32, int64_t kb0, in
             _tile_loadd(2, c + 16 * BR, BR * 4);
             _tile_loadd(3, c + 16 * BR + 16, BR * 4);
             for (int64_t kc = 0; kc < nkc; kc++) {
-                _tile_loadd(4, v0 + kc * 32, skp * 2);
-                _tile_loadd(5, v1 + kc * 32, skp * 2);
+                if (qg == NQG - 2 && dg + 2 < d32 / 16) {
+                    /* the next dim-group pair's tiles for this key chunk */
+                    const char *nx = (const char *)(v0 + 1024 + kc * (d32 / 16) * 512);
+                    for (int b = 0; b < 2048; b += 64)
+                        _mm_prefetch(nx + b, _MM_HINT_T0);
+                }
+                _tile_loadd(4, v0 + kc * (d32 / 16) * 512, 64);
+                _tile_loadd(5, v1 + kc * (d32 / 16) * 512, 64);
                 _tile_loadd(6, w->Pv + (qg * (BC / 32) + kc) * 512, 64);
                 _tile_loadd(7, w->Pv + ((qg + 1) * (BC / 32) + kc) * 512, 64);
                 _tile_dpbf16ps(0, 4, 6);
@@ -224,7 +250,7 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
     const int64_t d = p->d, d32 = D32(d), nd = d32 / 32;
     const fa_seq s = fa_seq_of(p, bi);
     const int64_t skp = SKP(s.sk);
-    const uint16_t *Kp = (const uint16_t *)packed, *Vt = Kp + skp * d32;
+    const uint16_t *Kb = (const uint16_t *)packed, *Vb = Kb + skp * d32;
     const int64_t nrows = s.sq - q0 < QB ? s.sq - q0 : QB;
     const int64_t nsub = (nrows + BR - 1) / BR;
     work w = carve(buf, d);
@@ -270,6 +296,9 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
     memset(w.OT, 0, (size_t)(nsub * BR * d32) * 4);
     amx_configure();
 
+    /* Blocks start on a multiple of 32 keys (the packed tiles' granularity); keys before kmin in
+     * the first block are outside every row's band and get masked. */
+    kmin &= ~(int64_t)31;
     for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BC) {
         const int64_t nc = kmax - kb0 < BC ? kmax - kb0 : BC;
         for (int64_t sb = 0; sb < nsub; sb++) {
@@ -279,13 +308,13 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
             const int64_t qs = q0 + sb * BR;
             const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
             const int full = block_band(&v.ln, nr, kb0, nc);
-            amx_qk(Kp, d32, kb0, nc, &v);
+            amx_qk(Kb, d32, kb0, nc, &v);
             block_scores(p, &s, h, qs, nr, kb0, nc, full && !featured, &v.ln);
             block_softmax(&v.ln, nc);
             if (has_drop)
                 block_dropout(p, &s, h, qs, nr, kb0, &v.ln, v.ln.ST, thr);
             pack_p(&v, nc);
-            amx_pv(Vt, skp, d32, kb0, nc, &v);
+            amx_pv(Vb, d32, kb0, nc, &v);
         }
     }
 
@@ -323,7 +352,7 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
                 const int64_t qs = q0 + sb * BR;
                 const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
                 block_band(&v.ln, nr, kb0, nc);
-                amx_qk(Kp, d32, kb0, nc, &v);
+                amx_qk(Kb, d32, kb0, nc, &v);
                 block_scores(p, &s, h, qs, nr, kb0, nc, 0, &v.ln);
                 s_dmask_block(p, &s, h, qs, nr, kb0, nc, has_drop, thr, &v.ln);
             }
