@@ -6,6 +6,7 @@ error of the same naive computation carried out in the input's precision, plus a
 Outputs start as NaN (FLASH_ATTN_C_POISON) so an element a kernel forgot to write fails.
 """
 import os
+import zlib
 
 os.environ.setdefault("FLASH_ATTN_C_POISON", "1")
 
@@ -92,22 +93,34 @@ def err_of(x, ref):
     return np.max(np.abs(x - ref)) if x.size else 0.0
 
 
-def check(got, q, k, v, dt, **kw):
-    """got: (out, lse, s_dmask or None). Compares against float64 and the low-precision naive."""
-    out, lse, sd = got
-    keep = None
-    if sd is not None and kw.get("dropout_p", 0) > 0:
-        keep = ~np.signbit(sd)
-    ref_o, ref_lse, ref_p = naive(q, k, v, keep=keep, **kw)
+_REFS = {}  # the references of a case, shared by the ISA runs of that case
+
+
+def references(q, k, v, dt, keep, cache_key, **kw):
+    key = None if cache_key is None else (cache_key, None if keep is None else zlib.crc32(np.packbits(keep)))
+    if key in _REFS:
+        return _REFS[key]
+    ref = naive(q, k, v, keep=keep, **kw)
     if dt == "f64":
-        low = ref_o
         tol = ATOL[dt]
     else:
         store = DTYPES[dt]
         rnd = (lambda x: x.astype(store).astype(np.float32)) if dt != "f32" else (lambda x: x)
         low, _, _ = naive(q, k, v, keep=keep, work=np.float32, rnd=rnd, **kw)
-        low = low.astype(store)
-        tol = 2 * err_of(low, ref_o) + ATOL[dt]
+        tol = 2 * err_of(low.astype(store), ref[0]) + ATOL[dt]
+    ref = (ref[0], ref[1], ref[2].astype(np.float32), tol)  # p is compared at float32 precision
+    if key is not None:
+        _REFS[key] = ref
+    return ref
+
+
+def check(got, q, k, v, dt, cache_key=None, **kw):
+    """got: (out, lse, s_dmask or None). Compares against float64 and the low-precision naive."""
+    out, lse, sd = got
+    keep = None
+    if sd is not None and kw.get("dropout_p", 0) > 0:
+        keep = ~np.signbit(sd)
+    ref_o, ref_lse, ref_p, tol = references(q, k, v, dt, keep, cache_key, **kw)
     assert np.all(np.isfinite(np.asarray(out, np.float64))), "non-finite output"
     e = err_of(out, ref_o)
     assert e <= tol, f"out: max err {e:.3g} > tol {tol:.3g}"
@@ -169,7 +182,7 @@ def _grid():
 def test_grid(isa, dt, feat, d, sq, sk, h, hk, layout):
     if isa == "scalar" and d * sq * sk > 64 * 300 * 300:
         pytest.skip("large case: covered by the SIMD families; scalar is the slow oracle")
-    rng = np.random.default_rng(hash((feat, d, sq, sk)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{dt}{feat}{d}{sq}{sk}{h}{hk}{layout}".encode()))
     q, k, v = inputs(rng, 2, sq, sk, h, hk, d, dt, layout)
     scale = d ** -0.5 * (3.0 if feat in ("softcap", "window_softcap") else 1.0)
     kw = dict(scale=scale)
@@ -187,7 +200,7 @@ def test_grid(isa, dt, feat, d, sq, sk, h, hk, layout):
     if feat == "dropout":
         kw["dropout_p"] = args["dropout_p"] = 0.17
     out, lse, sd = fa.flash_attn_func(q, k, v, **args)
-    check((out, lse, sd), q, k, v, dt, **kw)
+    check((out, lse, sd), q, k, v, dt, cache_key=(dt, feat, d, sq, sk, h, hk, layout), **kw)
     if feat == "dropout":
         frac = np.mean(np.signbit(sd)[np.abs(sd) > 0])
         assert 0.1 < frac < 0.25, f"dropped fraction {frac}"
