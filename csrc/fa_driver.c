@@ -25,6 +25,9 @@
 
 static int num_threads = 0; /* 0: OpenMP default */
 
+/* Largest packed K/V copy the driver makes (bytes). */
+#define FA_PACK_MAX_BYTES ((uint64_t)1 << 30)
+
 void fa_set_num_threads(int n) { num_threads = n > 0 ? n : 0; }
 
 int fa_get_num_threads(void)
@@ -118,9 +121,13 @@ fa_status fa_fwd(const fa_fwd_params *p)
                     pack_off[bi * p->hk + g] = total;
             }
             pack_off[p->b * p->hk] = total;
-            /* 2 MiB alignment lets transparent huge pages back the buffer (fewer TLB misses). */
+            /* 2 MiB alignment lets transparent huge pages back the buffer (fewer TLB misses).
+             * Above FA_PACK_MAX_BYTES the copy would cost more memory than it is worth: read in
+             * place. */
             const size_t huge = (size_t)2 << 20;
-            packed = total > 0 ? aligned_alloc(huge, ((size_t)total + huge - 1) / huge * huge) : NULL;
+            packed = total > 0 && (uint64_t)total <= FA_PACK_MAX_BYTES
+                         ? aligned_alloc(huge, ((size_t)total + huge - 1) / huge * huge)
+                         : NULL;
             if (packed) {
 #ifdef MADV_HUGEPAGE
                 madvise(packed, ((size_t)total + huge - 1) / huge * huge, MADV_HUGEPAGE);
