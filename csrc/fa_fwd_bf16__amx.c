@@ -307,14 +307,17 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
             work v = sub_block(&w, sb, d);
             const int64_t qs = q0 + sb * BR;
             const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
-            const int full = block_band(&v.ln, nr, kb0, nc);
-            amx_qk(Kb, d32, kb0, nc, &v);
-            block_scores(p, &s, h, qs, nr, kb0, nc, full && !featured, &v.ln);
-            block_softmax(&v.ln, nc);
+            /* Keys of the block past this sub-block's last visible key (causal diagonal) are
+             * masked for all its rows: leave them out instead. */
+            const int64_t ncs = smax[sb] - kb0 < nc ? smax[sb] - kb0 : nc;
+            const int full = block_band(&v.ln, nr, kb0, ncs);
+            amx_qk(Kb, d32, kb0, ncs, &v);
+            block_scores(p, &s, h, qs, nr, kb0, ncs, full && !featured, &v.ln);
+            block_softmax(&v.ln, ncs);
             if (has_drop)
                 block_dropout(p, &s, h, qs, nr, kb0, &v.ln, v.ln.ST, thr);
-            pack_p(&v, nc);
-            amx_pv(Vb, d32, kb0, nc, &v);
+            pack_p(&v, ncs);
+            amx_pv(Vb, d32, kb0, ncs, &v);
         }
     }
 

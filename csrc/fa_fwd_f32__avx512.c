@@ -339,14 +339,17 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
             work v = sub_block(&w, sb, d);
             const int64_t qs = q0 + sb * BR;
             const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
-            const int full = block_band(&v.ln, nr, kb0, nc);
-            gemm_qk(&v, d, nc, !pf_done);
+            /* Keys of the block past this sub-block's last visible key (causal diagonal) are
+             * masked for all its rows: leave them out instead. */
+            const int64_t ncs = smax[sb] - kb0 < nc ? smax[sb] - kb0 : nc;
+            const int full = block_band(&v.ln, nr, kb0, ncs);
+            gemm_qk(&v, d, ncs, !pf_done);
             pf_done = 1;
-            block_scores(p, &s, h, qs, nr, kb0, nc, full && !featured, &v.ln);
-            block_softmax(&v.ln, nc);
+            block_scores(p, &s, h, qs, nr, kb0, ncs, full && !featured, &v.ln);
+            block_softmax(&v.ln, ncs);
             if (has_drop)
                 block_dropout(p, &s, h, qs, nr, kb0, &v.ln, v.ln.ST, thr);
-            gemm_pv(&v, d, nc, (nr + 3) / 4 * 4);
+            gemm_pv(&v, d, ncs, (nr + 3) / 4 * 4);
         }
     }
 
