@@ -322,15 +322,21 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
     }
 
     const float drop_scale = has_drop ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
-    float *row = w.ln.ST; /* free now: one output row at a time */
+    float *tmp = w.ln.ST; /* free now: 16 output rows (16 x d32 floats <= BC x BR) */
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t i = q0 + r;
+        if (r % 16 == 0) {
+            /* O^T of this 16-query group back to rows, one 16 x 16 block at a time */
+            const float *ot = w.OT + (r / BR) * d32 * BR + r % BR;
+            for (int64_t dg = 0; dg < d32 / 16; dg++)
+                transpose16(ot + dg * 16 * BR, BR, tmp + dg * 16, d32);
+        }
         char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * 2;
         const int empty = !(w.ln.l[r] > 0);
         const int invalid = p->invalid_line_zero && w.ln.m[r] == (float)p->mask_fill;
-        const float *ot = w.OT + (r / BR) * d32 * BR + r % BR;
-        for (int64_t k = 0; k < d; k++)
-            row[k] = empty || invalid ? 0.0f : ot[k * BR];
+        float *row = tmp + (r % 16) * d32;
+        if (empty || invalid)
+            memset(row, 0, (size_t)d * 4);
         store_row(p->dtype, row, empty || invalid ? 0.0f : drop_scale / w.ln.l[r], d, dst);
         const int64_t srow = p->cu_q ? s.q_row0 + i : i;
         const int64_t sbat = p->cu_q ? 0 : s.bi;

@@ -309,13 +309,24 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
     /* Q^T per sub-block, padding queries zero; statistics start empty (or at the sink logit,
      * one extra key whose exp(sink - m) enters the denominator only). */
     memset(w.QT, 0, (size_t)(d * BR * nsub) * 4);
-    for (int64_t r = 0; r < nrows; r++) {
-        const char *src = (const char *)p->q.ptr +
-                          (s.q_batch * p->q.sb + (s.q_row0 + q0 + r) * p->q.sr + h * p->q.sh) * es;
-        float *qt = w.QT + (r / BR) * d * BR + r % BR;
-        widen_row(p->dtype, src, d, w.Kc);
-        for (int64_t k = 0; k < d; k++)
-            qt[k * BR] = w.Kc[k];
+    for (int64_t r0 = 0; r0 < nrows; r0 += 16) {
+        /* 16 query rows widened into Kc (rows past the end zero), then transposed 16 x 16 */
+        for (int64_t r = r0; r < r0 + 16; r++) {
+            if (r < nrows) {
+                const char *src = (const char *)p->q.ptr +
+                                  (s.q_batch * p->q.sb + (s.q_row0 + q0 + r) * p->q.sr + h * p->q.sh) * es;
+                widen_row(p->dtype, src, d, w.Kc + (r - r0) * dp);
+            } else {
+                memset(w.Kc + (r - r0) * dp, 0, (size_t)dp * 4);
+            }
+        }
+        float *qt = w.QT + (r0 / BR) * d * BR + r0 % BR;
+        int64_t k = 0;
+        for (; k + 16 <= d; k += 16)
+            transpose16(w.Kc + k, dp, qt + k * BR, BR);
+        for (; k < d; k++)
+            for (int64_t r = 0; r < 16; r++)
+                qt[k * BR + r] = w.Kc[r * dp + k];
     }
     for (int64_t r = 0; r < nsub * BR; r++) {
         w.ln.m[r] = -INFINITY;
