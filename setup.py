@@ -18,6 +18,10 @@ ISA_FLAGS = {
     "scalar": ["-fno-tree-vectorize"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    # The AMX family's own kernels (bf16 tiles); fa_dispatch.c checks AMX-TILE/BF16, AVX512-BF16
+    # and the OS tile-data permission before they can be selected.
+    "amx": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma",
+            "-mf16c", "-mamx-tile", "-mamx-bf16"],
 }
 SANITIZE = os.environ.get("FLASH_ATTN_C_SANITIZE", "")  # e.g. "address,undefined" (make asan)
 
@@ -38,6 +42,8 @@ class BuildExt(build_ext):
                                              extra_postargs=KERNEL + flags + extra,
                                              depends=ext.depends)
         ext.extra_objects = objects
+        # Relink when a kernel object changed (build_ext only compares sources and depends).
+        ext.depends = list(ext.depends) + objects
         ext.extra_compile_args = COMMON + ["-fopenmp"] + extra
         ext.extra_link_args = ["-fopenmp"] + ([f"-fsanitize={SANITIZE}"] if SANITIZE else [])
         super().build_extension(ext)

@@ -31,11 +31,16 @@ static const fa_isa_table tables[FA_ISA_COUNT] = {
                      {fa_fwd_f32__avx2_item, fa_fwd_f32__avx2_scratch, FA_FWD_BLOCK_ROWS},
                      {fa_fwd_f64__avx2_item, fa_fwd_f64__avx2_scratch, FA_FWD_BLOCK_ROWS}},
     [FA_ISA_AVX512] = {"avx512",
-                       {fa_fwd_f32__avx512_item, fa_fwd_f32__avx512_scratch, FA_FWD_BLOCK_ROWS},
+                       {fa_fwd_f32__avx512_item, fa_fwd_f32__avx512_scratch, FA_FWD_F32_AVX512_ROWS,
+                        fa_fwd_f32__avx512_pack_bytes, fa_fwd_f32__avx512_pack},
                        {fa_fwd_f64__avx512_item, fa_fwd_f64__avx512_scratch, FA_FWD_BLOCK_ROWS}},
-    /* AMX: the bf16 tile kernels are not built yet; the slot stays empty so selecting it fails
-     * with a clear message rather than silently running another family. */
-    [FA_ISA_AMX] = {"amx", {0, 0, 0}, {0, 0, 0}},
+    /* AMX: bf16 inputs on the tile unit; every other dtype on the AVX-512 kernels. */
+    [FA_ISA_AMX] = {"amx",
+                    {fa_fwd_f32__avx512_item, fa_fwd_f32__avx512_scratch, FA_FWD_F32_AVX512_ROWS,
+                     fa_fwd_f32__avx512_pack_bytes, fa_fwd_f32__avx512_pack},
+                    {fa_fwd_f64__avx512_item, fa_fwd_f64__avx512_scratch, FA_FWD_BLOCK_ROWS},
+                    {fa_fwd_bf16__amx_item, fa_fwd_bf16__amx_scratch, FA_FWD_F32_AVX512_ROWS,
+                     fa_fwd_bf16__amx_pack_bytes, fa_fwd_bf16__amx_pack}},
 };
 
 static fa_isa selected = FA_ISA_SCALAR;
@@ -86,7 +91,11 @@ unsigned fa_isa_supported(void)
                 mask |= 1u << FA_ISA_AVX2;
             if ((mask & (1u << FA_ISA_AVX2)) && avx512f && avx512bw && avx512vl && zmm_os)
                 mask |= 1u << FA_ISA_AVX512;
-            if ((mask & (1u << FA_ISA_AVX512)) && amx_bf16 && amx_tile && amx_os && amx_permission())
+            /* The AMX kernel also converts P to bf16 with AVX512-BF16 (leaf 7.1 EAX bit 5). */
+            unsigned a1 = 0, b1, c1, d1;
+            int avx512bf16 = __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && ((a1 >> 5) & 1);
+            if ((mask & (1u << FA_ISA_AVX512)) && amx_bf16 && amx_tile && avx512bf16 && amx_os &&
+                amx_permission())
                 mask |= 1u << FA_ISA_AMX;
         }
     }

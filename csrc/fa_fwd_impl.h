@@ -27,30 +27,13 @@
 #include "fa_seq.h"
 #include "fa_philox.h"
 #include "fa_vec.h"
+#include "fa_cvt.h"
 #include "fa_kernels.h"
 
 #define BRP FA_BR /* rows per item, already a multiple of FA_MR */
 #define DPAD(d) (((d) + VLEN - 1) / VLEN * VLEN)
 
 /* ---- conversions ------------------------------------------------------------------------- */
-
-FA_INLINE float bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-FA_INLINE uint16_t f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) /* NaN: keep it a quiet NaN */
-        return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1); /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
 
 /* Convert n elements of type t at src into acc_t. */
 FA_INLINE void load_row(fa_dtype t, const void *src, int64_t n, acc_t *dst)
@@ -77,7 +60,7 @@ FA_INLINE void load_row(fa_dtype t, const void *src, int64_t n, acc_t *dst)
     case FA_BF16: {
         const uint16_t *s = (const uint16_t *)src;
         for (int64_t i = 0; i < n; i++)
-            dst[i] = (acc_t)bf16_to_f32(s[i]);
+            dst[i] = (acc_t)fa_bf16_to_f32(s[i]);
         break;
     }
     }
@@ -107,7 +90,7 @@ FA_INLINE void store_row(fa_dtype t, const acc_t *src, acc_t mul, int64_t n, voi
     case FA_BF16: {
         uint16_t *o = (uint16_t *)dst;
         for (int64_t i = 0; i < n; i++)
-            o[i] = f32_to_bf16((float)(src[i] * mul));
+            o[i] = fa_f32_to_bf16((float)(src[i] * mul));
         break;
     }
     }
@@ -123,7 +106,7 @@ FA_INLINE acc_t load_one(fa_dtype t, const void *base, int64_t idx)
     case FA_F16:
         return (acc_t)(float)((const _Float16 *)base)[idx];
     case FA_BF16:
-        return (acc_t)bf16_to_f32(((const uint16_t *)base)[idx]);
+        return (acc_t)fa_bf16_to_f32(((const uint16_t *)base)[idx]);
     }
     return 0;
 }
@@ -365,7 +348,8 @@ static void row_dropout(const fa_fwd_params *p, const fa_seq *s, int64_t h, int6
 
 /* ---- the work item ----------------------------------------------------------------------------- */
 
-fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q0, void *buf)
+fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q0,
+                        const void *packed, void *buf)
 {
     const int64_t d = p->d, dp = DPAD(d);
     const fa_seq s = fa_seq_of(p, bi);

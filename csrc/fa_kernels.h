@@ -11,34 +11,55 @@
 
 /* Query rows per forward work item, shared by every build so the driver can split work. */
 #define FA_FWD_BLOCK_ROWS 64
+/* Query rows per work item of the AVX-512 float32 kernel: four 64-row sub-blocks share each K/V
+ * block fetched, which quarters the K/V traffic per flop. */
+#define FA_FWD_F32_AVX512_ROWS 256
 
 /* Computes one work item: up to the kernel's block_rows query rows starting at q0 of (batch bi,
- * head h). buf is scratch of fwd_scratch_bytes(p) bytes, 64-byte aligned. */
+ * head h). packed is the kernel's own copy of this (batch, kv head)'s K and V made by `pack`, or
+ * NULL (no pack function, or the driver chose not to pack): the kernel then reads K/V in place.
+ * buf is scratch of scratch_bytes(p) bytes, 64-byte aligned. */
 typedef fa_status (*fa_fwd_item_fn)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q0,
-                                    void *buf);
+                                    const void *packed, void *buf);
 typedef size_t (*fa_scratch_fn)(const fa_fwd_params *p);
+/* Optional K/V packing, once per (batch, kv head) and shared by every query block and every
+ * query head of the GQA group: bytes for a sequence of sk keys, and the packing itself. */
+typedef size_t (*fa_pack_bytes_fn)(const fa_fwd_params *p, int64_t sk);
+typedef void (*fa_pack_fn)(const fa_fwd_params *p, int64_t bi, int64_t hk, void *dst);
 
 typedef struct {
     fa_fwd_item_fn item;
     fa_scratch_fn scratch_bytes;
     int block_rows;
+    fa_pack_bytes_fn pack_bytes; /* NULL: no packing */
+    fa_pack_fn pack;
 } fa_fwd_kernel;
 
 typedef struct {
     const char *name;
-    fa_fwd_kernel fwd_f32; /* f32, f16, bf16 inputs */
-    fa_fwd_kernel fwd_f64; /* f64 inputs */
+    fa_fwd_kernel fwd_f32;  /* f32, f16 inputs, and bf16 where fwd_bf16 is empty */
+    fa_fwd_kernel fwd_f64;  /* f64 inputs */
+    fa_fwd_kernel fwd_bf16; /* bf16 inputs (AMX); empty: fwd_f32 serves them */
 } fa_isa_table;
 
 #define FA_DECLARE_ISA(isa)                                                                        \
-    fa_status fa_fwd_f32__##isa##_item(const fa_fwd_params *, int64_t, int64_t, int64_t, void *); \
+    fa_status fa_fwd_f32__##isa##_item(const fa_fwd_params *, int64_t, int64_t, int64_t,           \
+                                       const void *, void *);                                     \
     size_t fa_fwd_f32__##isa##_scratch(const fa_fwd_params *);                                    \
-    fa_status fa_fwd_f64__##isa##_item(const fa_fwd_params *, int64_t, int64_t, int64_t, void *); \
+    fa_status fa_fwd_f64__##isa##_item(const fa_fwd_params *, int64_t, int64_t, int64_t,           \
+                                       const void *, void *);                                     \
     size_t fa_fwd_f64__##isa##_scratch(const fa_fwd_params *);
 
 FA_DECLARE_ISA(scalar)
 FA_DECLARE_ISA(avx2)
 FA_DECLARE_ISA(avx512)
+size_t fa_fwd_f32__avx512_pack_bytes(const fa_fwd_params *, int64_t);
+void fa_fwd_f32__avx512_pack(const fa_fwd_params *, int64_t, int64_t, void *);
+fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *, int64_t, int64_t, int64_t, const void *,
+                                void *);
+size_t fa_fwd_bf16__amx_scratch(const fa_fwd_params *);
+size_t fa_fwd_bf16__amx_pack_bytes(const fa_fwd_params *, int64_t);
+void fa_fwd_bf16__amx_pack(const fa_fwd_params *, int64_t, int64_t, void *);
 
 /* ---- dispatch (fa_dispatch.c) ---- */
 typedef enum { FA_ISA_SCALAR = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2, FA_ISA_AMX = 3, FA_ISA_COUNT } fa_isa;

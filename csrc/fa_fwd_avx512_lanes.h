@@ -1,0 +1,331 @@
+/* fa_fwd_avx512_lanes.h: the softmax half of the AVX-512 forward kernels, shared by the float32
+ * FMA kernel (fa_fwd_f32__avx512.c) and the AMX bf16 kernel (fa_fwd_bf16__amx.c).
+ *
+ * Both keep a score block transposed, S^T[key j][query q] with the 64 queries of a sub-block in
+ * the 16 lanes of 4 vectors (row stride FA_LANES floats), so every softmax statistic of a query
+ * lives in one lane: max and sum over keys are vertical vector operations. Included only by
+ * translation units compiled with AVX-512F.
+ *
+ * exp: 2^t with t = (x - m') log2(e), t clamped below at -200 (so -inf gives exactly 0), split
+ * t = n + r with n = round(t), |r| <= 1/2; 2^r by a degree-6 polynomial fitted on [-1/2, 1/2]
+ * (Chebyshev-node least squares; max relative error 9.7e-8 including float32 Horner rounding);
+ * 2^n applied by vscalefps, which flushes exactly to 0 far below the normal range.
+ */
+#ifndef FA_FWD_AVX512_LANES_H
+#define FA_FWD_AVX512_LANES_H
+
+#include <immintrin.h>
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "fa_params.h"
+#include "fa_seq.h"
+#include "fa_philox.h"
+#include "fa_cvt.h"
+
+#define BR 64         /* queries per sub-block: NQV vectors of 16 lanes (the S^T row stride) */
+#define NQV (BR / 16)
+#define LOG2E 1.44269504088896341f
+
+#define INL static inline __attribute__((always_inline))
+
+/* ---- exp ------------------------------------------------------------------------------------ */
+
+INL __m512 exp2_clamped(__m512 t)
+{
+    /* max(c, t) returns t when t is NaN, so NaN scores still poison the row as they should. */
+    t = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(t, n);
+    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* e^(x - m) for x <= m (x = -inf gives 0). */
+INL __m512 exp_diff(__m512 x, __m512 m)
+{
+    return exp2_clamped(_mm512_mul_ps(_mm512_sub_ps(x, m), _mm512_set1_ps(LOG2E)));
+}
+
+/* tanh(y) = sign(y) (1 - e) / (1 + e), e = e^(-2|y|) <= 1: no overflow for any y. */
+INL __m512 tanh16(__m512 y)
+{
+    __m512 a = _mm512_abs_ps(y);
+    __m512 e = exp2_clamped(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f * LOG2E)));
+    __m512 one = _mm512_set1_ps(1.0f);
+    __m512 r = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    /* copy y's sign onto r (r >= 0) */
+    __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32((int)0x80000000u));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
+}
+
+/* dst[j * ldd + i] = src[i * lds + j] for a 16 x 16 float block, in registers: each source row
+ * is one 64-byte load, so a strided column walk (one cache line per element) is avoided.
+ * Stages: unpack pairs of rows, shuffle within 128-bit lanes, then exchange 128-bit lanes. */
+static inline void transpose16(const float *src, int64_t lds, float *dst, int64_t ldd)
+{
+    __m512 r[16], u[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_ps(src + i * lds);
+    for (int g = 0; g < 4; g++) {
+        /* rows 4g..4g+3: u[4g + c], 128-bit lane L = column 4L + c of those four rows */
+        __m512 t0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
+        __m512 t1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        __m512 t2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+        __m512 t3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        u[4 * g + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
+        u[4 * g + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
+    }
+    for (int c = 0; c < 4; c++) {
+        __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+        __m512 w0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        __m512 v1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        _mm512_storeu_ps(dst + (0 + c) * ldd, _mm512_shuffle_f32x4(v0, v1, 0x88));
+        _mm512_storeu_ps(dst + (8 + c) * ldd, _mm512_shuffle_f32x4(v0, v1, 0xDD));
+        _mm512_storeu_ps(dst + (4 + c) * ldd, _mm512_shuffle_f32x4(w0, w1, 0x88));
+        _mm512_storeu_ps(dst + (12 + c) * ldd, _mm512_shuffle_f32x4(w0, w1, 0xDD));
+    }
+}
+
+/* The per-query state of one 64-query sub-block and the current score block. */
+typedef struct {
+    float *ST;            /* S^T, then x, then P^T of the current block: rows of BR floats */
+    float *m, *l, *alpha; /* running max, running sum, last rescale factor */
+    int64_t *lo, *hi;     /* visible keys [lo, hi) of each query */
+    int32_t *c0, *c1;     /* the same within the current block (shared by all sub-blocks) */
+} fa_lanes;
+
+/* ---- conversions ---------------------------------------------------------------------------- */
+
+static inline float load1(fa_dtype t, const void *base, int64_t idx)
+{
+    switch (t) {
+    case FA_F32: return ((const float *)base)[idx];
+    case FA_F64: return (float)((const double *)base)[idx];
+    case FA_F16: return (float)((const _Float16 *)base)[idx];
+    case FA_BF16: return fa_bf16_to_f32(((const uint16_t *)base)[idx]);
+    }
+    return 0;
+}
+
+/* n elements of f16/bf16/f32 at src widened to float32 at dst, zero-filled up to DPAD(n). */
+static inline void widen_row(fa_dtype t, const void *src, int64_t n, float *dst)
+{
+    for (int64_t k = 0; k < n; k += 16) {
+        __mmask16 mk = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
+        __m512 v;
+        if (t == FA_F16) {
+            v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)src + k));
+        } else if (t == FA_BF16) {
+            __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)src + k));
+            v = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+        } else {
+            v = _mm512_maskz_loadu_ps(mk, (const float *)src + k);
+        }
+        _mm512_store_ps(dst + k, v);
+    }
+}
+
+static inline void store_row(fa_dtype t, const float *src, float mul, int64_t n, void *dst)
+{
+    switch (t) {
+    case FA_F32:
+        for (int64_t i = 0; i < n; i++)
+            ((float *)dst)[i] = src[i] * mul;
+        break;
+    case FA_F16:
+        for (int64_t i = 0; i < n; i++)
+            ((_Float16 *)dst)[i] = (_Float16)(src[i] * mul);
+        break;
+    case FA_BF16:
+        for (int64_t i = 0; i < n; i++)
+            ((uint16_t *)dst)[i] = fa_f32_to_bf16(src[i] * mul);
+        break;
+    case FA_F64:
+        break; /* f64 inputs never reach the float32 kernel */
+    }
+}
+
+/* ---- scores --------------------------------------------------------------------------------- */
+
+/* Turns S^T[0..nc) of the block (keys kb0..) into final scores x in place: pse, scale, softcap,
+ * alibi, band (-inf outside [c0, c1) of each query) and the explicit mask. `plain` means none of
+ * these apply to any lane, leaving only the scale. */
+static void block_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
+                         int64_t nrows, int64_t kb0, int64_t nc, int plain, fa_lanes *w)
+{
+    float *ST = w->ST;
+    if (p->pse) {
+        for (int64_t r = 0; r < nrows; r++) {
+            const int64_t base = s->q_batch * p->pse_sb + h * p->pse_sh + (q0 + r) * p->pse_sr;
+            for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
+                ST[c * BR + r] += load1(p->pse_dtype, p->pse, base + (kb0 + c) * p->pse_sc);
+        }
+    }
+    const __m512 scale = _mm512_set1_ps((float)p->scale);
+    if (plain) {
+        for (int64_t j = 0; j < nc; j++)
+            for (int v = 0; v < NQV; v++)
+                _mm512_store_ps(ST + j * BR + v * 16,
+                                _mm512_mul_ps(_mm512_load_ps(ST + j * BR + v * 16), scale));
+        return;
+    }
+    const int softcap = p->softcap > 0, alibi = p->alibi != NULL;
+    const __m512 cap = _mm512_set1_ps((float)p->softcap);
+    const __m512 inv_cap = _mm512_set1_ps((float)(1.0 / p->softcap));
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    const __m512 slope = _mm512_set1_ps(alibi ? p->alibi[s->bi * p->alibi_sb + h] : 0.0f);
+    for (int v = 0; v < NQV; v++) {
+        const __m512i c0 = _mm512_load_si512(w->c0 + v * 16), c1 = _mm512_load_si512(w->c1 + v * 16);
+        /* alibi distance |i + sk - sq - j|, bottom-right aligned; per lane the diagonal's column */
+        float dg[16];
+        for (int t = 0; t < 16; t++)
+            dg[t] = (float)(q0 + v * 16 + t + s->sk - s->sq - kb0);
+        const __m512 diag = _mm512_loadu_ps(dg);
+        for (int64_t j = 0; j < nc; j++) {
+            float *px = ST + j * BR + v * 16;
+            __m512 x = _mm512_mul_ps(_mm512_load_ps(px), scale);
+            if (softcap)
+                x = _mm512_mul_ps(cap, tanh16(_mm512_mul_ps(x, inv_cap)));
+            if (alibi) {
+                __m512 dist = _mm512_abs_ps(_mm512_sub_ps(diag, _mm512_set1_ps((float)j)));
+                x = _mm512_fnmadd_ps(slope, dist, x);
+            }
+            const __m512i jj = _mm512_set1_epi32((int)j);
+            __mmask16 in = _mm512_cmple_epi32_mask(c0, jj) & _mm512_cmplt_epi32_mask(jj, c1);
+            _mm512_store_ps(px, _mm512_mask_blend_ps(in, ninf, x));
+        }
+    }
+    if (p->mask) {
+        const float fill = (float)p->mask_fill;
+        for (int64_t r = 0; r < nrows; r++) {
+            const uint8_t *mrow = p->mask + s->q_batch * p->mask_sb + h * p->mask_sh + (q0 + r) * p->mask_sr;
+            for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
+                if (mrow[(kb0 + c) * p->mask_sc])
+                    ST[c * BR + r] = fill;
+        }
+    }
+}
+
+/* Online softmax over the block's nc key rows: updates m, l, sets alpha, turns x into P^T. */
+static void block_softmax(fa_lanes *w, int64_t nc)
+{
+    float *ST = w->ST;
+    for (int v = 0; v < NQV; v++) {
+        const __m512 m_old = _mm512_load_ps(w->m + v * 16);
+        __m512 mx = m_old;
+        for (int64_t j = 0; j < nc; j++)
+            mx = _mm512_max_ps(_mm512_load_ps(ST + j * BR + v * 16), mx);
+        /* A lane that has seen nothing but -inf keeps m = -inf; subtracting 0 instead keeps its
+         * exponentials at exactly 0 (and alpha = 0 on the all-zero accumulators). */
+        __mmask16 none = _mm512_cmpeq_ps_mask(mx, _mm512_set1_ps(-INFINITY));
+        const __m512 mu = _mm512_mask_blend_ps(none, mx, _mm512_setzero_ps());
+        __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 1 < nc; j += 2) {
+            __m512 e0 = exp_diff(_mm512_load_ps(ST + j * BR + v * 16), mu);
+            __m512 e1 = exp_diff(_mm512_load_ps(ST + (j + 1) * BR + v * 16), mu);
+            _mm512_store_ps(ST + j * BR + v * 16, e0);
+            _mm512_store_ps(ST + (j + 1) * BR + v * 16, e1);
+            sum0 = _mm512_add_ps(sum0, e0);
+            sum1 = _mm512_add_ps(sum1, e1);
+        }
+        if (j < nc) {
+            __m512 e0 = exp_diff(_mm512_load_ps(ST + j * BR + v * 16), mu);
+            _mm512_store_ps(ST + j * BR + v * 16, e0);
+            sum0 = _mm512_add_ps(sum0, e0);
+        }
+        const __m512 alpha = exp_diff(m_old, mu);
+        const __m512 l = _mm512_load_ps(w->l + v * 16);
+        _mm512_store_ps(w->l + v * 16, _mm512_fmadd_ps(l, alpha, _mm512_add_ps(sum0, sum1)));
+        _mm512_store_ps(w->m + v * 16, mx);
+        _mm512_store_ps(w->alpha + v * 16, alpha);
+    }
+}
+
+/* Zero the dropped entries of P^T for query rows [0, nrows) within their visible columns. */
+static void block_dropout(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
+                          int64_t nrows, int64_t kb0, const fa_lanes *w, float *PT, uint64_t thr)
+{
+    const uint64_t bh = (uint64_t)(s->bi * p->h + h);
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t j0 = kb0 + w->c0[r], j1 = kb0 + w->c1[r];
+        for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
+            uint32_t rnd[4];
+            fa_dropout_draw4(p->seed, p->offset, bh, (uint64_t)(q0 + r), (uint64_t)(j4 >> 2), rnd);
+            for (int t = 0; t < 4; t++) {
+                int64_t j = j4 + t;
+                if (j >= j0 && j < j1 && (uint64_t)rnd[t] < thr)
+                    PT[(j - kb0) * BR + r] = 0;
+            }
+        }
+    }
+}
+
+/* Per-row visible columns of block [kb0, kb0 + nc); returns 1 if every real row sees it all. */
+static int block_band(fa_lanes *w, int64_t nrows, int64_t kb0, int64_t nc)
+{
+    int full = 1;
+    for (int64_t r = 0; r < BR; r++) {
+        int64_t a = 0, b = 0;
+        if (r < nrows) {
+            a = w->lo[r] - kb0, b = w->hi[r] - kb0;
+            a = a < 0 ? 0 : a > nc ? nc : a;
+            b = b < 0 ? 0 : b > nc ? nc : b;
+            if (b < a)
+                b = a;
+            full &= a == 0 && b == nc;
+        }
+        w->c0[r] = (int32_t)a;
+        w->c1[r] = (int32_t)b;
+    }
+    return full;
+}
+
+/* Writes the normalized probabilities of one sub-block x key block (scores already in ST) into
+ * S_dmask, entries that dropout removes negated. */
+static void s_dmask_block(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t qs,
+                          int64_t nr, int64_t kb0, int64_t nc, int has_drop, uint64_t thr, fa_lanes *w)
+{
+    for (int v = 0; v < NQV; v++) {
+        const __m512 m = _mm512_load_ps(w->m + v * 16);
+        const __m512 inv_l = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_load_ps(w->l + v * 16));
+        for (int64_t j = 0; j < nc; j++) {
+            float *px = w->ST + j * BR + v * 16;
+            _mm512_store_ps(px, _mm512_mul_ps(exp_diff(_mm512_load_ps(px), m), inv_l));
+        }
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        if (!(w->l[r] > 0))
+            continue;
+        float *out = p->s_dmask + s->bi * p->sd_sb + h * p->sd_sh + (qs + r) * p->sd_sr;
+        for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
+            out[kb0 + c] = w->ST[c * BR + r];
+    }
+    if (!has_drop)
+        return;
+    /* The sign marks dropped entries: run the dropout draw on a block of ones. */
+    for (int64_t k = 0; k < nc * BR; k++)
+        w->ST[k] = 1;
+    block_dropout(p, s, h, qs, nr, kb0, w, w->ST, thr);
+    for (int64_t r = 0; r < nr; r++) {
+        if (!(w->l[r] > 0))
+            continue;
+        float *out = p->s_dmask + s->bi * p->sd_sb + h * p->sd_sh + (qs + r) * p->sd_sr;
+        for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
+            if (w->ST[c * BR + r] == 0)
+                out[kb0 + c] = -out[kb0 + c];
+    }
+}
+
+#endif

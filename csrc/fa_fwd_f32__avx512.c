@@ -1,0 +1,410 @@
+/* fa_fwd_f32__avx512.c: FlashAttention-2 forward with float32 arithmetic, AVX-512F intrinsics.
+ *
+ * Serves f32, f16 and bf16 inputs. When the driver packs K/V (every row reused by >= 2 items),
+ * each (batch, kv head) is widened once into contiguous float32 rows padded to 16; otherwise f32 K
+ * rows are read in place through row pointers (any stride, kvcache, paged) and V blocks (and
+ * f16/bf16 K blocks) are widened block by block into scratch.
+ *
+ * A work item is up to 256 queries of one (batch, head): four 64-query sub-blocks that share each
+ * K/V block fetched. The score block is kept transposed (see fa_fwd_avx512_lanes.h):
+ *   S^T = K Q^T   6 keys x 4 query vectors register tiles, one key element broadcast against 4
+ *                 vectors of the sub-block's packed Q^T (d x 64)
+ *   softmax       vertical, per query lane (fa_fwd_avx512_lanes.h)
+ *   O = alpha O + P V   6 queries x 4 d-vectors register tiles, broadcasting P^T elements against
+ *                 rows of the packed V block; the rescale is folded into loading the O tile.
+ * Blocks are 64 keys; blocks that every row sees whole in calls without pse/mask/softcap/alibi
+ * skip the masking.
+ */
+#include "fa_kernels.h"
+#include "fa_fwd_avx512_lanes.h"
+
+#define QB FA_FWD_F32_AVX512_ROWS /* queries per work item: QB / BR sub-blocks */
+#define BC 64                /* keys per block */
+#define QK_MR 6              /* keys per S^T register tile (x NQV vectors) */
+#define PV_MR 6              /* queries per O register tile */
+#define PV_NR 4              /* vectors of d per O register tile */
+
+/* ---- scratch -------------------------------------------------------------------------------- */
+
+#define PIECE(bytes) ((((size_t)(bytes)) + 63) / 64 * 64)
+#define DPAD(d) (((d) + 15) / 16 * 16)
+
+typedef struct {
+    fa_lanes ln;         /* ST, m, l, alpha (QB each), lo, hi (QB), c0, c1 (BR) */
+    float *QT;           /* per sub-block d x BR: Q^T, padding queries zero */
+    float *O;            /* QB x dpad: unnormalized output */
+    float *Kc, *Vc;      /* BC x dpad: widened K rows (f16/bf16) and the packed V block */
+    const float *Vb;     /* the current V block, BC x dpad (Vc or a slice of the packed copy) */
+    float *zero;         /* dpad zeros: the K row of keys past the block end */
+    const float **kp;    /* BC + QK_MR row pointers */
+    const char **pf;     /* 2 BC: K and V rows of the next block, to prefetch */
+    int64_t npf, pf_bytes;
+} work;
+
+/* The view of sub-block sb: its Q^T, output rows and statistics. */
+static work sub_block(const work *w, int64_t sb, int64_t d)
+{
+    work v = *w;
+    v.QT += sb * d * BR;
+    v.O += sb * BR * DPAD(d);
+    v.ln.m += sb * BR, v.ln.l += sb * BR, v.ln.alpha += sb * BR;
+    v.ln.lo += sb * BR, v.ln.hi += sb * BR;
+    return v;
+}
+
+static size_t scratch_size(int64_t d)
+{
+    int64_t dp = DPAD(d);
+    return PIECE(d * QB * 4) + PIECE((BC + QK_MR) * BR * 4) + PIECE(QB * dp * 4) +
+           2 * PIECE(BC * dp * 4) + PIECE(dp * 4) + PIECE((BC + QK_MR) * sizeof(float *)) +
+           PIECE(2 * BC * sizeof(char *)) +
+           3 * PIECE(QB * 4) + 2 * PIECE(QB * 8) + 2 * PIECE(BR * 4);
+}
+
+static work carve(void *buf, int64_t d)
+{
+    int64_t dp = DPAD(d);
+    char *p = (char *)buf;
+    work w;
+    w.QT = (float *)p, p += PIECE(d * QB * 4);
+    w.ln.ST = (float *)p, p += PIECE((BC + QK_MR) * BR * 4);
+    w.O = (float *)p, p += PIECE(QB * dp * 4);
+    w.Kc = (float *)p, p += PIECE(BC * dp * 4);
+    w.Vc = (float *)p, p += PIECE(BC * dp * 4);
+    w.zero = (float *)p, p += PIECE(dp * 4);
+    w.kp = (const float **)p, p += PIECE((BC + QK_MR) * sizeof(float *));
+    w.pf = (const char **)p, p += PIECE(2 * BC * sizeof(char *));
+    w.ln.m = (float *)p, p += PIECE(QB * 4);
+    w.ln.l = (float *)p, p += PIECE(QB * 4);
+    w.ln.alpha = (float *)p, p += PIECE(QB * 4);
+    w.ln.lo = (int64_t *)p, p += PIECE(QB * 8);
+    w.ln.hi = (int64_t *)p, p += PIECE(QB * 8);
+    w.ln.c0 = (int32_t *)p, p += PIECE(BR * 4);
+    w.ln.c1 = (int32_t *)p;
+    return w;
+}
+
+size_t fa_fwd_f32__avx512_scratch(const fa_fwd_params *p) { return scratch_size(p->d); }
+
+/* ---- micro-kernels -------------------------------------------------------------------------- */
+
+/* S^T[j0 + r][0..BR) = K[j0 + r] . Q^T for r < MR: MR x NQV accumulators (24 at MR = 6, which
+ * leaves registers for the 4 Q^T vectors; 10 loads feed 24 FMAs). */
+INL void qk_tile(const int MR, const float *restrict QT, const float *const *kp, int64_t d,
+                 float *restrict ST)
+{
+    __m512 acc[QK_MR][NQV];
+    const float *kr[QK_MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; r++) {
+        kr[r] = kp[r];
+#pragma GCC unroll 16
+        for (int v = 0; v < NQV; v++)
+            acc[r][v] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < d; k++) {
+        __m512 q[NQV];
+#pragma GCC unroll 16
+        for (int v = 0; v < NQV; v++)
+            q[v] = _mm512_load_ps(QT + k * BR + v * 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; r++) {
+            const __m512 b = _mm512_set1_ps(kr[r][k]);
+#pragma GCC unroll 16
+            for (int v = 0; v < NQV; v++)
+                acc[r][v] = _mm512_fmadd_ps(b, q[v], acc[r][v]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 16
+        for (int v = 0; v < NQV; v++)
+            _mm512_store_ps(ST + r * BR + v * 16, acc[r][v]);
+}
+
+/* O[r][c-vectors] = alpha_r O[r][..] + sum_j P^T[j][r] V[j][..] for MR rows and NR vectors of
+ * the packed V block (row stride ldv, zero padded, so no masks). */
+INL void pv_tile(const int MR, const int NR, const float *restrict PT, const float *restrict V,
+                 int64_t ldv, int64_t nc, const float *alpha, float *restrict O, int64_t ldo)
+{
+    __m512 acc[PV_MR][PV_NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; r++) {
+        __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 16
+        for (int c = 0; c < NR; c++)
+            acc[r][c] = _mm512_mul_ps(a, _mm512_load_ps(O + r * ldo + c * 16));
+    }
+    for (int64_t j = 0; j < nc; j++) {
+        __m512 v[PV_NR];
+#pragma GCC unroll 16
+        for (int c = 0; c < NR; c++)
+            v[c] = _mm512_load_ps(V + j * ldv + c * 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; r++) {
+            __m512 pb = _mm512_set1_ps(PT[j * BR + r]);
+#pragma GCC unroll 16
+            for (int c = 0; c < NR; c++)
+                acc[r][c] = _mm512_fmadd_ps(pb, v[c], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 16
+        for (int c = 0; c < NR; c++)
+            _mm512_store_ps(O + r * ldo + c * 16, acc[r][c]);
+}
+
+/* Prefetch into L2 the next block's K and V rows [j0, j1): spread over the QK tiles so the
+ * misses never pile up in the fill buffers. */
+static inline void prefetch_rows(const work *w, int64_t j0, int64_t j1)
+{
+    j1 = j1 < w->npf ? j1 : w->npf;
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t b = 0; b < w->pf_bytes; b += 64) {
+            _mm_prefetch(w->pf[2 * j] + b, _MM_HINT_T1);
+            if (w->pf[2 * j + 1])
+                _mm_prefetch(w->pf[2 * j + 1] + b, _MM_HINT_T1);
+        }
+}
+
+/* S^T for keys [0, nc) of the block: kp holds the row pointers, padded with zero rows. With
+ * `pf` set, also prefetches the next block's rows. */
+static void gemm_qk(const work *w, int64_t d, int64_t nc, int pf)
+{
+    int64_t j = 0;
+    for (; j + QK_MR <= nc; j += QK_MR) {
+        if (pf)
+            prefetch_rows(w, j, j + QK_MR);
+        qk_tile(QK_MR, w->QT, w->kp + j, d, w->ln.ST + j * BR);
+    }
+    for (; j < nc; j += 4)
+        qk_tile(4, w->QT, w->kp + j, d, w->ln.ST + j * BR);
+    if (pf)
+        prefetch_rows(w, nc / QK_MR * QK_MR, BC);
+}
+
+#define PV_CASE(MR, NR) pv_tile(MR, NR, PT, V, dp, nc, w->ln.alpha + r0, O, dp)
+#define PV_NR_SWITCH(MR)                                                                           \
+    switch (nr) {                                                                                  \
+    case 1: PV_CASE(MR, 1); break;                                                                 \
+    case 2: PV_CASE(MR, 2); break;                                                                 \
+    case 3: PV_CASE(MR, 3); break;                                                                 \
+    default: PV_CASE(MR, 4); break;                                                                \
+    }
+
+/* O[0..rows) = alpha O + P V over the block's nc keys. */
+static void gemm_pv(const work *w, int64_t d, int64_t nc, int64_t rows)
+{
+    const int64_t dp = DPAD(d), nvec = dp / 16;
+    for (int64_t c0 = 0; c0 < nvec; c0 += PV_NR) {
+        const int nr = nvec - c0 < PV_NR ? (int)(nvec - c0) : PV_NR;
+        const float *V = w->Vb + c0 * 16;
+        int64_t r0 = 0;
+        for (; r0 + PV_MR <= rows; r0 += PV_MR) {
+            const float *PT = w->ln.ST + r0;
+            float *O = w->O + r0 * dp + c0 * 16;
+            PV_NR_SWITCH(PV_MR)
+        }
+        for (; r0 < rows; r0 += 4) {
+            const float *PT = w->ln.ST + r0;
+            float *O = w->O + r0 * dp + c0 * 16;
+            PV_NR_SWITCH(4)
+        }
+    }
+}
+
+/* ---- K/V rows of a block ---------------------------------------------------------------------- */
+
+/* Row pointers (f32 K), widened copies (f16/bf16 K) and the packed V block for keys
+ * [kb0, kb0 + nc), plus the addresses of the next block's rows (up to kend) for gemm_qk to
+ * prefetch: consecutive keys are a head stride apart (often a page or more), beyond the reach of
+ * the hardware prefetchers. */
+static void block_rows(const fa_fwd_params *p, const fa_seq *s, int64_t hk, const float *packed,
+                       int64_t kb0, int64_t nc, int64_t kend, int want_v, work *w)
+{
+    const int64_t d = p->d, dp = DPAD(d), es = fa_dtype_size(p->dtype);
+    if (packed) {
+        /* Contiguous rows: the hardware prefetchers keep up on their own. */
+        const float *Kp = packed, *Vp = packed + s->sk * dp;
+        for (int64_t j = 0; j < nc; j++)
+            w->kp[j] = Kp + (kb0 + j) * dp;
+        w->Vb = Vp + kb0 * dp;
+        w->npf = 0;
+    } else {
+        const int64_t nnext = kend - (kb0 + BC) < BC ? kend - (kb0 + BC) : BC;
+        w->npf = nnext > 0 ? nnext : 0;
+        for (int64_t j = 0; j < w->npf; j++) {
+            w->pf[2 * j] = fa_key_ptr(p, &p->k, s, kb0 + BC + j, hk, es);
+            w->pf[2 * j + 1] = want_v ? fa_key_ptr(p, &p->v, s, kb0 + BC + j, hk, es) : NULL;
+        }
+        w->pf_bytes = d * es;
+        for (int64_t j = 0; j < nc; j++) {
+            const char *kr = fa_key_ptr(p, &p->k, s, kb0 + j, hk, es);
+            if (p->dtype == FA_F32) {
+                w->kp[j] = (const float *)kr;
+            } else {
+                widen_row(p->dtype, kr, d, w->Kc + j * dp);
+                w->kp[j] = w->Kc + j * dp;
+            }
+            /* V rows are always copied: PV reads the block once per query tile, and rows at a
+             * large power-of-two stride would all land in the same few L1 sets. */
+            if (want_v)
+                widen_row(p->dtype, fa_key_ptr(p, &p->v, s, kb0 + j, hk, es), d, w->Vc + j * dp);
+        }
+        w->Vb = w->Vc;
+    }
+    for (int64_t j = nc; j < nc + 4; j++) /* the tiles of gemm_qk overrun nc by at most 3 */
+        w->kp[j] = w->zero;
+}
+
+/* Packed copy of (batch bi, kv head hk): K then V, each sk x dpad float32, zero padded. */
+size_t fa_fwd_f32__avx512_pack_bytes(const fa_fwd_params *p, int64_t sk)
+{
+    return (size_t)(2 * sk * DPAD(p->d)) * sizeof(float);
+}
+
+void fa_fwd_f32__avx512_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, void *dst)
+{
+    const fa_seq s = fa_seq_of(p, bi);
+    const int64_t d = p->d, dp = DPAD(d), es = fa_dtype_size(p->dtype);
+    float *Kp = (float *)dst, *Vp = Kp + s.sk * dp;
+    for (int64_t j = 0; j < s.sk; j++) {
+        widen_row(p->dtype, fa_key_ptr(p, &p->k, &s, j, hk, es), d, Kp + j * dp);
+        widen_row(p->dtype, fa_key_ptr(p, &p->v, &s, j, hk, es), d, Vp + j * dp);
+    }
+}
+
+/* ---- the work item ---------------------------------------------------------------------------- */
+
+fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q0,
+                                  const void *packed, void *buf)
+{
+    const int64_t d = p->d, dp = DPAD(d);
+    const fa_seq s = fa_seq_of(p, bi);
+    const int64_t hk = h / (p->h / p->hk);
+    const int64_t nrows = s.sq - q0 < QB ? s.sq - q0 : QB;
+    const int64_t nsub = (nrows + BR - 1) / BR;
+    const int64_t es = fa_dtype_size(p->dtype);
+    work w = carve(buf, d);
+    const int has_drop = p->dropout_p > 0;
+    const uint64_t thr = fa_dropout_threshold(p->dropout_p);
+    const int featured = p->pse || p->mask || p->softcap > 0 || p->alibi;
+
+    /* Visible keys of every row, of every sub-block and of the whole item. */
+    int64_t kmin = INT64_MAX, kmax = 0, smin[QB / BR], smax[QB / BR];
+    for (int64_t sb = 0; sb < nsub; sb++) {
+        smin[sb] = INT64_MAX, smax[sb] = 0;
+        for (int64_t r = sb * BR; r < nrows && r < (sb + 1) * BR; r++) {
+            fa_row_band(p, &s, q0 + r, &w.ln.lo[r], &w.ln.hi[r]);
+            if (w.ln.lo[r] < w.ln.hi[r]) {
+                smin[sb] = w.ln.lo[r] < smin[sb] ? w.ln.lo[r] : smin[sb];
+                smax[sb] = w.ln.hi[r] > smax[sb] ? w.ln.hi[r] : smax[sb];
+            }
+        }
+        kmin = smin[sb] < kmin ? smin[sb] : kmin;
+        kmax = smax[sb] > kmax ? smax[sb] : kmax;
+    }
+
+    /* Q^T per sub-block, padding queries zero; statistics start empty (or at the sink logit,
+     * one extra key whose exp(sink - m) enters the denominator only). */
+    memset(w.QT, 0, (size_t)(d * BR * nsub) * 4);
+    for (int64_t r0 = 0; r0 < nrows; r0 += 16) {
+        /* 16 query rows widened into Kc (rows past the end zero), then transposed 16 x 16 */
+        for (int64_t r = r0; r < r0 + 16; r++) {
+            if (r < nrows) {
+                const char *src = (const char *)p->q.ptr +
+                                  (s.q_batch * p->q.sb + (s.q_row0 + q0 + r) * p->q.sr + h * p->q.sh) * es;
+                widen_row(p->dtype, src, d, w.Kc + (r - r0) * dp);
+            } else {
+                memset(w.Kc + (r - r0) * dp, 0, (size_t)dp * 4);
+            }
+        }
+        float *qt = w.QT + (r0 / BR) * d * BR + r0 % BR;
+        int64_t k = 0;
+        for (; k + 16 <= d; k += 16)
+            transpose16(w.Kc + k, dp, qt + k * BR, BR);
+        for (; k < d; k++)
+            for (int64_t r = 0; r < 16; r++)
+                qt[k * BR + r] = w.Kc[r * dp + k];
+    }
+    for (int64_t r = 0; r < nsub * BR; r++) {
+        w.ln.m[r] = -INFINITY;
+        w.ln.l[r] = 0;
+        if (p->sink && r < nrows) {
+            w.ln.m[r] = p->sink[h];
+            w.ln.l[r] = 1;
+        }
+    }
+    memset(w.O, 0, (size_t)(nsub * BR * dp) * 4);
+    memset(w.zero, 0, (size_t)dp * 4);
+
+    /* Each key block is fetched once and used by every sub-block whose band meets it. */
+    for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BC) {
+        const int64_t nc = kmax - kb0 < BC ? kmax - kb0 : BC;
+        block_rows(p, &s, hk, (const float *)packed, kb0, nc, kmax, 1, &w);
+        int pf_done = 0;
+        for (int64_t sb = 0; sb < nsub; sb++) {
+            if (smin[sb] >= kb0 + nc || smax[sb] <= kb0)
+                continue;
+            work v = sub_block(&w, sb, d);
+            const int64_t qs = q0 + sb * BR;
+            const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
+            /* Keys of the block past this sub-block's last visible key (causal diagonal) are
+             * masked for all its rows: leave them out instead. */
+            const int64_t ncs = smax[sb] - kb0 < nc ? smax[sb] - kb0 : nc;
+            const int full = block_band(&v.ln, nr, kb0, ncs);
+            gemm_qk(&v, d, ncs, !pf_done);
+            pf_done = 1;
+            block_scores(p, &s, h, qs, nr, kb0, ncs, full && !featured, &v.ln);
+            block_softmax(&v.ln, ncs);
+            if (has_drop)
+                block_dropout(p, &s, h, qs, nr, kb0, &v.ln, v.ln.ST, thr);
+            gemm_pv(&v, d, ncs, (nr + 3) / 4 * 4);
+        }
+    }
+
+    const float drop_scale = has_drop ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
+    for (int64_t r = 0; r < nrows; r++) {
+        const int64_t i = q0 + r;
+        char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * es;
+        const int empty = !(w.ln.l[r] > 0);
+        const int invalid = p->invalid_line_zero && w.ln.m[r] == (float)p->mask_fill;
+        float *Or = w.O + r * dp;
+        if (empty || invalid)
+            memset(Or, 0, (size_t)d * 4);
+        store_row(p->dtype, Or, empty || invalid ? 0.0f : drop_scale / w.ln.l[r], d, dst);
+        const int64_t srow = p->cu_q ? s.q_row0 + i : i;
+        const int64_t sbat = p->cu_q ? 0 : s.bi;
+        if (p->lse) {
+            float v = empty ? INFINITY : w.ln.m[r] + (float)log((double)w.ln.l[r]);
+            ((float *)p->lse)[sbat * p->lse_sb + h * p->lse_sh + srow * p->lse_sr] = v;
+        }
+        if (p->rowmax) {
+            const int64_t o = sbat * p->stat_sb + h * p->stat_sh + srow * p->stat_sr;
+            ((float *)p->rowmax)[o] = w.ln.m[r];
+            ((float *)p->rowsum)[o] = invalid ? FLT_MAX : w.ln.l[r];
+        }
+    }
+
+    /* S_dmask (testing aid): recompute the scores block by block and write the normalized
+     * probabilities of the visible columns, dropped entries negated. */
+    if (p->s_dmask) {
+        for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BC) {
+            const int64_t nc = kmax - kb0 < BC ? kmax - kb0 : BC;
+            block_rows(p, &s, hk, (const float *)packed, kb0, nc, kmax, 0, &w);
+            for (int64_t sb = 0; sb < nsub; sb++) {
+                if (smin[sb] >= kb0 + nc || smax[sb] <= kb0)
+                    continue;
+                work v = sub_block(&w, sb, d);
+                const int64_t qs = q0 + sb * BR;
+                const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
+                block_band(&v.ln, nr, kb0, nc);
+                gemm_qk(&v, d, nc, 0);
+                block_scores(p, &s, h, qs, nr, kb0, nc, 0, &v.ln);
+                s_dmask_block(p, &s, h, qs, nr, kb0, nc, has_drop, thr, &v.ln);
+            }
+        }
+    }
+    return FA_OK;
+}
