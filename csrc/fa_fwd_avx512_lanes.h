@@ -165,7 +165,7 @@ static void block_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int
                          int64_t nrows, int64_t kb0, int64_t nc, int plain, fa_lanes *w)
 {
     float *ST = w->ST;
-    if (p->pse) {
+    if (p->pse && !p->pse_after_scale) {
         for (int64_t r = 0; r < nrows; r++) {
             const int64_t base = s->q_batch * p->pse_sb + h * p->pse_sh + (q0 + r) * p->pse_sr;
             for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
@@ -206,6 +206,13 @@ static void block_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int
             _mm512_store_ps(px, _mm512_mask_blend_ps(in, ninf, x));
         }
     }
+    if (p->pse && p->pse_after_scale) { /* torch_npu inference ops: scale * q.k + pse_shift */
+        for (int64_t r = 0; r < nrows; r++) {
+            const int64_t base = s->q_batch * p->pse_sb + h * p->pse_sh + (q0 + r) * p->pse_sr;
+            for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
+                ST[c * BR + r] += load1(p->pse_dtype, p->pse, base + (kb0 + c) * p->pse_sc);
+        }
+    }
     if (p->mask) {
         const float fill = (float)p->mask_fill;
         for (int64_t r = 0; r < nrows; r++) {
@@ -224,8 +231,14 @@ static void block_softmax(fa_lanes *w, int64_t nc)
     for (int v = 0; v < NQV; v++) {
         const __m512 m_old = _mm512_load_ps(w->m + v * 16);
         __m512 mx = m_old;
-        for (int64_t j = 0; j < nc; j++)
-            mx = _mm512_max_ps(_mm512_load_ps(ST + j * BR + v * 16), mx);
+        __mmask16 nan = 0;
+        for (int64_t j = 0; j < nc; j++) {
+            const __m512 x = _mm512_load_ps(ST + j * BR + v * 16);
+            mx = _mm512_max_ps(x, mx);
+            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        }
+        /* maxps drops NaN operands; a NaN score (NaN input) must poison its row instead. */
+        mx = _mm512_mask_blend_ps(nan, mx, _mm512_set1_ps(NAN));
         /* A lane that has seen nothing but -inf keeps m = -inf; subtracting 0 instead keeps its
          * exponentials at exactly 0 (and alpha = 0 on the all-zero accumulators). */
         __mmask16 none = _mm512_cmpeq_ps_mask(mx, _mm512_set1_ps(-INFINITY));

@@ -332,7 +332,7 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
                 transpose16(ot + dg * 16 * BR, BR, tmp + dg * 16, d32);
         }
         char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * 2;
-        const int empty = !(w.ln.l[r] > 0);
+        const int empty = w.ln.l[r] == 0; /* a NaN sum (NaN input) propagates */
         const int invalid = p->invalid_line_zero && w.ln.m[r] == (float)p->mask_fill;
         float *row = tmp + (r % 16) * d32;
         if (empty || invalid)

@@ -368,7 +368,7 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t i = q0 + r;
         char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * es;
-        const int empty = !(w.ln.l[r] > 0);
+        const int empty = w.ln.l[r] == 0; /* a NaN sum (NaN input) propagates */
         const int invalid = p->invalid_line_zero && w.ln.m[r] == (float)p->mask_fill;
         float *Or = w.O + r * dp;
         if (empty || invalid)
