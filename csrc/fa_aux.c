@@ -78,7 +78,7 @@ void fa_rotary(fa_dtype t, const void *x, const int64_t xs[3], void *y, const in
         }
 }
 
-void fa_combine(fa_dtype t, int n, const void *const *outs, const int64_t (*os)[3],
+void fa_combine(fa_dtype tin, fa_dtype t, int n, const void *const *outs, const int64_t (*os)[3],
                 const void *const *lses, const int64_t (*ls)[3], void *out, const int64_t ostride[3],
                 void *lse, const int64_t lstride[3], int64_t b, int64_t s_len, int64_t h, int64_t d)
 {
@@ -119,7 +119,7 @@ void fa_combine(fa_dtype t, int n, const void *const *outs, const int64_t (*os)[
                         double l = wide ? ((const double *)lses[i])[o] : ((const float *)lses[i])[o];
                         if (l < INFINITY && l > -INFINITY) {
                             const int64_t po = bi * os[i][0] + si * os[i][1] + hi * os[i][2];
-                            acc += exp(l - total) * load_elem(t, outs[i], po + k);
+                            acc += exp(l - total) * load_elem(tin, outs[i], po + k);
                         }
                     }
                     store_elem(t, out, oo + k, acc);

@@ -19,9 +19,9 @@ void fa_rotary(fa_dtype t, const void *x, const int64_t xs[3], void *y, const in
  *   lse = log sum_i exp(lse_i),  out = sum_i exp(lse_i - lse) * out_i
  * where a partial with lse_i = +inf (it saw no key) or -inf contributes nothing; when none
  * contributes, out = 0 and lse = +inf. outs[i] are (b, s, h, d) views with strides os[i][0..2]
- * (batch, row, head) of dtype t; lses[i] are float32 (float64 for f64) (b, h, s) views with
+ * (batch, row, head) of dtype tin (split-KV passes float32/float64 partials), the result dtype t; lses[i] are float32 (float64 for f64) (b, h, s) views with
  * strides ls[i][0..2]. The result has the same addressing (out: ostride, lse: lstride). */
-void fa_combine(fa_dtype t, int n, const void *const *outs, const int64_t (*os)[3],
+void fa_combine(fa_dtype tin, fa_dtype t, int n, const void *const *outs, const int64_t (*os)[3],
                 const void *const *lses, const int64_t (*ls)[3], void *out, const int64_t ostride[3],
                 void *lse, const int64_t lstride[3], int64_t b, int64_t s_len, int64_t h, int64_t d);
 

@@ -20,6 +20,7 @@
 #include <omp.h>
 #endif
 
+#include "fa_aux.h"
 #include "fa_kernels.h"
 #include "fa_seq.h"
 
@@ -44,7 +45,8 @@ int fa_get_num_threads(void)
 typedef struct {
     int64_t cost;
     int64_t bi, h, q0;
-    int64_t wave; /* K/V packing wave (0 when nothing is packed) */
+    int64_t wave;  /* K/V packing wave (0 when nothing is packed) */
+    int64_t split; /* index into the params array (split-KV), else 0 */
 } fa_item;
 
 static int by_wave_then_cost(const void *a, const void *b)
@@ -72,34 +74,50 @@ static int64_t item_cost(const fa_fwd_params *p, const fa_seq *s, int64_t q0, in
     return n * (hi > lo ? hi - lo : 0) + 1;
 }
 
-fa_status fa_fwd(const fa_fwd_params *p)
+static const fa_fwd_kernel *kernel_for(const fa_fwd_params *p)
 {
     const fa_isa_table *t = fa_isa_current();
-    const fa_fwd_kernel *k = p->dtype == FA_F64                         ? &t->fwd_f64
-                             : p->dtype == FA_BF16 && t->fwd_bf16.item ? &t->fwd_bf16
-                                                                       : &t->fwd_f32;
-    if (!k->item)
-        return FA_ERR_ISA;
-    const int64_t br = k->block_rows;
+    return p->dtype == FA_F64                         ? &t->fwd_f64
+           : p->dtype == FA_BF16 && t->fwd_bf16.item ? &t->fwd_bf16
+                                                     : &t->fwd_f32;
+}
 
+static int64_t count_items(const fa_fwd_params *p, int64_t br)
+{
     int64_t n = 0;
     for (int64_t bi = 0; bi < p->b; bi++) {
         fa_seq s = fa_seq_of(p, bi);
         n += (s.sq + br - 1) / br * p->h;
     }
+    return n;
+}
+
+/* Runs the work items of nsplit parameter sets (one, or the key ranges of a split-KV call) in
+ * one parallel region. */
+static fa_status run_items(const fa_fwd_params *ps, int64_t nsplit)
+{
+    const fa_fwd_params *p = &ps[0];
+    const fa_fwd_kernel *k = kernel_for(p);
+    if (!k->item)
+        return FA_ERR_ISA;
+    const int64_t br = k->block_rows;
+
+    const int64_t n = count_items(p, br) * nsplit;
     if (n == 0)
         return FA_OK;
     fa_item *items = malloc((size_t)n * sizeof(fa_item));
     if (!items)
         return FA_ERR_NOMEM;
     int64_t at = 0;
-    for (int64_t bi = 0; bi < p->b; bi++) {
-        fa_seq s = fa_seq_of(p, bi);
-        for (int64_t q0 = 0; q0 < s.sq; q0 += br) {
-            int64_t rows = s.sq - q0 < br ? s.sq - q0 : br;
-            int64_t cost = item_cost(p, &s, q0, rows);
-            for (int64_t h = 0; h < p->h; h++)
-                items[at++] = (fa_item){cost, bi, h, q0, 0};
+    for (int64_t sp = 0; sp < nsplit; sp++) {
+        for (int64_t bi = 0; bi < p->b; bi++) {
+            fa_seq s = fa_seq_of(&ps[sp], bi);
+            for (int64_t q0 = 0; q0 < s.sq; q0 += br) {
+                int64_t rows = s.sq - q0 < br ? s.sq - q0 : br;
+                int64_t cost = item_cost(&ps[sp], &s, q0, rows);
+                for (int64_t h = 0; h < p->h; h++)
+                    items[at++] = (fa_item){cost, bi, h, q0, 0, sp};
+            }
         }
     }
     /* Pack K/V when rows are reused: query blocks per sequence times query heads per kv head.
@@ -109,7 +127,7 @@ fa_status fa_fwd(const fa_fwd_params *p)
     char *packed = NULL;
     const int64_t groups = p->b * p->hk;
     int64_t *pack_off = NULL, *wave_of = NULL, nwaves = 1;
-    if (k->pack) {
+    if (k->pack && nsplit == 1) {
         int64_t reuse = p->h / p->hk, maxq = 0;
         for (int64_t bi = 0; bi < p->b; bi++) {
             fa_seq s = fa_seq_of(p, bi);
@@ -183,7 +201,7 @@ fa_status fa_fwd(const fa_fwd_params *p)
                 const fa_item *w = &items[it];
                 const void *kv =
                     packed ? packed + pack_off[w->bi * p->hk + w->h / (p->h / p->hk)] : NULL;
-                fa_status st = k->item(p, w->bi, w->h, w->q0, kv, buf);
+                fa_status st = k->item(&ps[w->split], w->bi, w->h, w->q0, kv, buf);
                 if (st != FA_OK)
                     failed = st;
             }
@@ -197,4 +215,96 @@ fa_status fa_fwd(const fa_fwd_params *p)
     free(wave_of);
     free(items);
     return (fa_status)failed;
+}
+
+/* Split-KV: how many key ranges a call runs as. Few work items (decoding: a handful of heads and
+ * one query block each) cannot fill the cores, so the keys are split and the partial results
+ * merged exactly through their log-sum-exp. The automatic choice depends on the problem only,
+ * never on the thread count, so results are the same for any thread count. Calls whose rows need
+ * more than (out, lse) to merge (statistics outputs, S_dmask, sink, explicit masks and biases with
+ * finite fills) and varlen calls are not split. */
+#define FA_SPLIT_TARGET_ITEMS 32
+#define FA_SPLIT_MIN_KEYS 256
+
+static int64_t split_count(const fa_fwd_params *p)
+{
+    if (p->num_splits == 1 || p->cu_q || p->s_dmask || p->rowmax || p->sink || p->mask ||
+        p->pse || p->invalid_line_zero || p->kclip_hi > p->kclip_lo || p->sk < 2)
+        return 1;
+    const fa_fwd_kernel *k = kernel_for(p);
+    int64_t ns = p->num_splits;
+    if (ns <= 0) {
+        const int64_t n = k->item ? count_items(p, k->block_rows) : 0;
+        if (n == 0 || n >= FA_SPLIT_TARGET_ITEMS)
+            return 1;
+        ns = (FA_SPLIT_TARGET_ITEMS + n - 1) / n;
+        if (ns > p->sk / FA_SPLIT_MIN_KEYS)
+            ns = p->sk / FA_SPLIT_MIN_KEYS;
+    }
+    if (ns > 128)
+        ns = 128;
+    if (ns > p->sk)
+        ns = p->sk;
+    return ns < 1 ? 1 : ns;
+}
+
+static fa_status run_split(const fa_fwd_params *p, int64_t ns)
+{
+    const fa_dtype at = p->dtype == FA_F64 ? FA_F64 : FA_F32;
+    const int64_t es = fa_dtype_size(at), rows = p->sq, b = p->b, h = p->h, d = p->d;
+    const int64_t per_out = b * rows * h * d, per_lse = b * h * rows;
+    fa_fwd_params *ps = malloc((size_t)ns * sizeof(fa_fwd_params));
+    char *part = malloc((size_t)(ns * per_out * es));
+    char *plse = malloc((size_t)((ns + 1) * per_lse * es));
+    const void **outs = malloc((size_t)ns * sizeof(void *));
+    const void **lses = malloc((size_t)ns * sizeof(void *));
+    int64_t(*os)[3] = malloc((size_t)ns * sizeof(*os));
+    int64_t(*ls)[3] = malloc((size_t)ns * sizeof(*ls));
+    fa_status st = FA_ERR_NOMEM;
+    if (ps && part && plse && outs && lses && os && ls) {
+        const int64_t chunk = (p->sk + ns - 1) / ns;
+        for (int64_t i = 0; i < ns; i++) {
+            ps[i] = *p;
+            ps[i].num_splits = 1;
+            ps[i].kclip_lo = i * chunk;
+            ps[i].kclip_hi = (i + 1) * chunk < p->sk ? (i + 1) * chunk : p->sk;
+            if (ps[i].kclip_hi <= ps[i].kclip_lo) /* an empty tail split: sees no key */
+                ps[i].kclip_lo = ps[i].kclip_hi = p->sk, ps[i].kclip_hi++;
+            ps[i].out_acc = 1;
+            ps[i].o = part + i * per_out * es;
+            ps[i].o_sb = rows * h * d, ps[i].o_sr = h * d, ps[i].o_sh = d;
+            ps[i].lse = plse + i * per_lse * es;
+            ps[i].lse_sb = h * rows, ps[i].lse_sh = rows, ps[i].lse_sr = 1;
+            outs[i] = ps[i].o, lses[i] = ps[i].lse;
+            os[i][0] = ps[i].o_sb, os[i][1] = ps[i].o_sr, os[i][2] = ps[i].o_sh;
+            ls[i][0] = ps[i].lse_sb, ls[i][1] = ps[i].lse_sh, ls[i][2] = ps[i].lse_sr;
+        }
+        st = run_items(ps, ns);
+        if (st == FA_OK) {
+            /* The merged lse goes to the caller's array, or to scratch when none was asked for. */
+            const int64_t ost[3] = {p->o_sb, p->o_sr, p->o_sh};
+            int64_t lst[3] = {p->lse_sb, p->lse_sh, p->lse_sr};
+            void *lse = p->lse;
+            if (!lse) {
+                lse = plse + ns * per_lse * es;
+                lst[0] = h * rows, lst[1] = rows, lst[2] = 1;
+            }
+            fa_combine(at, p->dtype, (int)ns, outs, (const int64_t(*)[3])os, lses,
+                       (const int64_t(*)[3])ls, p->o, ost, lse, lst, b, rows, h, d);
+        }
+    }
+    free(ps);
+    free(part);
+    free(plse);
+    free(outs);
+    free(lses);
+    free(os);
+    free(ls);
+    return st;
+}
+
+fa_status fa_fwd(const fa_fwd_params *p)
+{
+    const int64_t ns = split_count(p);
+    return ns > 1 ? run_split(p, ns) : run_items(p, 1);
 }

@@ -331,13 +331,14 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
             for (int64_t dg = 0; dg < d32 / 16; dg++)
                 transpose16(ot + dg * 16 * BR, BR, tmp + dg * 16, d32);
         }
-        char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * 2;
+        const fa_dtype ot = fa_out_dtype(p);
+        char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * fa_dtype_size(ot);
         const int empty = w.ln.l[r] == 0; /* a NaN sum (NaN input) propagates */
         const int invalid = p->invalid_line_zero && w.ln.m[r] == (float)p->mask_fill;
         float *row = tmp + (r % 16) * d32;
         if (empty || invalid)
             memset(row, 0, (size_t)d * 4);
-        store_row(p->dtype, row, empty || invalid ? 0.0f : drop_scale / w.ln.l[r], d, dst);
+        store_row(ot, row, empty || invalid ? 0.0f : drop_scale / w.ln.l[r], d, dst);
         const int64_t srow = p->cu_q ? s.q_row0 + i : i;
         const int64_t sbat = p->cu_q ? 0 : s.bi;
         if (p->lse) {

@@ -367,13 +367,14 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
     const float drop_scale = has_drop ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t i = q0 + r;
-        char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * es;
+        const fa_dtype ot = fa_out_dtype(p);
+        char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * fa_dtype_size(ot);
         const int empty = w.ln.l[r] == 0; /* a NaN sum (NaN input) propagates */
         const int invalid = p->invalid_line_zero && w.ln.m[r] == (float)p->mask_fill;
         float *Or = w.O + r * dp;
         if (empty || invalid)
             memset(Or, 0, (size_t)d * 4);
-        store_row(p->dtype, Or, empty || invalid ? 0.0f : drop_scale / w.ln.l[r], d, dst);
+        store_row(ot, Or, empty || invalid ? 0.0f : drop_scale / w.ln.l[r], d, dst);
         const int64_t srow = p->cu_q ? s.q_row0 + i : i;
         const int64_t sbat = p->cu_q ? 0 : s.bi;
         if (p->lse) {

@@ -449,7 +449,8 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
     const acc_t drop_scale = has_drop ? (acc_t)(1.0 / (1.0 - p->dropout_p)) : (acc_t)1;
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t i = q0 + r;
-        char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * es;
+        const fa_dtype ot = fa_out_dtype(p);
+        char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * fa_dtype_size(ot);
         const int empty = w.l[r] == 0; /* NaN sums (NaN inputs) propagate, never read as empty */
         const int invalid = p->invalid_line_zero && w.m[r] == (acc_t)p->mask_fill;
         acc_t *Or = w.O + r * dp;
@@ -457,7 +458,7 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
             for (int64_t k = 0; k < d; k++)
                 Or[k] = 0;
         }
-        store_row(p->dtype, Or, empty || invalid ? (acc_t)0 : drop_scale / w.l[r], d, dst);
+        store_row(ot, Or, empty || invalid ? (acc_t)0 : drop_scale / w.l[r], d, dst);
         const int64_t srow = p->cu_q ? s.q_row0 + i : i;
         const int64_t sb = p->cu_q ? 0 : s.bi;
         if (p->lse) {

@@ -107,6 +107,15 @@ typedef struct {
      * entries negated. For varlen the row index is within the sequence. */
     float *s_dmask;
     int64_t sd_sb, sd_sh, sd_sr;
+
+    /* Split-KV. num_splits: 0 lets the driver choose, 1 disables, n > 1 asks for n key ranges.
+     * The driver runs each split with kclip_lo < kclip_hi (keys outside [kclip_lo, kclip_hi) are
+     * outside every row's band) and out_acc set (o receives the normalized partial output in the
+     * accumulator type, float32 or float64, instead of the input dtype), then merges the
+     * partials through their lse (fa_combine). Front-ends leave kclip and out_acc at 0. */
+    int num_splits;
+    int64_t kclip_lo, kclip_hi;
+    int out_acc;
 } fa_fwd_params;
 
 #endif

@@ -65,6 +65,10 @@ static inline void fa_row_band(const fa_fwd_params *p, const fa_seq *s, int64_t 
         if (pre > h)
             h = pre;
     }
+    if (p->kclip_hi > p->kclip_lo) { /* one split of a split-KV call */
+        l = l > p->kclip_lo ? l : p->kclip_lo;
+        h = h < p->kclip_hi ? h : p->kclip_hi;
+    }
     if (h < l)
         h = l;
     *lo = l;
@@ -89,6 +93,12 @@ static inline const char *fa_key_ptr(const fa_fwd_params *p, const fa_view *v, c
 static inline int64_t fa_dtype_size(fa_dtype t)
 {
     return t == FA_F64 ? 8 : t == FA_F32 ? 4 : 2;
+}
+
+/* The dtype a kernel writes o in: the input dtype, or the accumulator's for split-KV partials. */
+static inline fa_dtype fa_out_dtype(const fa_fwd_params *p)
+{
+    return p->out_acc ? (p->dtype == FA_F64 ? FA_F64 : FA_F32) : p->dtype;
 }
 
 #endif

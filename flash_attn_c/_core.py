@@ -75,7 +75,7 @@ def _can_fold_groups(q, k, left, right, anchor_br, alibi, dropout_p, s_dmask, ex
         return False
     if s_dmask is not None or not anchor_br or left is not None or (right is not None and right < 0):
         return False
-    return not (set(extra) - {"seqlen_k", "k_start", "k_batch_idx", "block_table"})
+    return not (set(extra) - {"seqlen_k", "k_start", "k_batch_idx", "block_table", "num_splits"})
 
 
 def _fold_groups(q, out, lse, hk):

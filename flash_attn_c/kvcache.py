@@ -206,7 +206,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if paged:
         extra["block_table"] = bt
     out, lse, _ = forward(q, k_cache, v_cache, scale=scale, out_shape=q.shape, lse_shape=(b, h, sq),
-                          softcap=softcap, left=left, right=right, alibi=slopes, **extra)
+                          softcap=softcap, left=left, right=right, alibi=slopes, num_splits=ns,
+                          **extra)
     return (out, lse) if return_softmax_lse else out
 
 

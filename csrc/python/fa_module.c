@@ -603,21 +603,26 @@ static PyObject *py_fwd(PyObject *self, PyObject *args, PyObject *kw)
                              "anchor_br", "alibi", "cu_q", "cu_k", "seqlen_k", "k_start",
                              "k_batch_idx", "block_table", "dropout_p", "seed", "offset",
                              "s_dmask", "pse", "mask", "mask_fill", "invalid_line_zero", "sink",
-                             "rowmax", "rowsum", "prefix", "pse_after_scale", NULL};
+                             "rowmax", "rowsum", "prefix", "pse_after_scale", "num_splits", NULL};
     static const tensor_spec spec[4] = {{"q", 0, 0}, {"k", 1, 0}, {"v", 1, 0}, {"out", 0, 1}};
     PyObject *ob[4], *olse;
     attn_args c;
     attn_args_init(&c);
-    int pse_after_scale = 0;
+    int pse_after_scale = 0, num_splits = 0;
     PyObject *oseqk = Py_None, *okstart = Py_None, *okbidx = Py_None, *obt = Py_None,
              *osd = Py_None, *ormax = Py_None, *orsum = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOd|dOOpOOOOOOOdKKOOOdpOOOOp", kwlist, &ob[0],
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOd|dOOpOOOOOOOdKKOOOdpOOOOpi", kwlist, &ob[0],
                                      &ob[1], &ob[2], &ob[3], &olse, &c.scale, &c.softcap, &c.left,
                                      &c.right, &c.anchor_br, &c.alibi, &c.cu_q, &c.cu_k, &oseqk,
                                      &okstart, &okbidx, &obt, &c.dropout_p, &c.seed, &c.offset,
                                      &osd, &c.pse, &c.mask, &c.mask_fill, &c.invalid_line_zero,
-                                     &c.sink, &ormax, &orsum, &c.prefix, &pse_after_scale))
+                                     &c.sink, &ormax, &orsum, &c.prefix, &pse_after_scale,
+                                     &num_splits))
         return NULL;
+    if (num_splits < 0 || num_splits > 128) {
+        PyErr_Format(PyExc_ValueError, "num_splits: expected 0 (automatic) to 128, got %d", num_splits);
+        return NULL;
+    }
 
     fa_fwd_params p;
     memset(&p, 0, sizeof p);
@@ -633,6 +638,7 @@ static PyObject *py_fwd(PyObject *self, PyObject *args, PyObject *kw)
     p.o = PyArray_DATA(a[3]);
     p.o_sb = st[3][0], p.o_sr = st[3][1], p.o_sh = st[3][2];
     p.pse_after_scale = pse_after_scale;
+    p.num_splits = num_splits;
     p.lse = stats.lse;
     p.lse_sb = stats.lse_st[0], p.lse_sh = stats.lse_st[1], p.lse_sr = stats.lse_st[2];
     p.rowmax = stats.rowmax;
@@ -804,7 +810,7 @@ static PyObject *py_combine(PyObject *self, PyObject *args)
         writable(out, "out") < 0 || writable(lse, "lse") < 0)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    fa_combine(t, n, po, (const int64_t(*)[3])so, pl, (const int64_t(*)[3])sl3, PyArray_DATA(out),
+    fa_combine(t, t, n, po, (const int64_t(*)[3])so, pl, (const int64_t(*)[3])sl3, PyArray_DATA(out),
                ost, PyArray_DATA(lse), lst, b, sl, h, d);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
