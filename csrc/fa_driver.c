@@ -234,8 +234,10 @@ static int64_t split_count(const fa_fwd_params *p)
     const fa_fwd_kernel *k = kernel_for(p);
     int64_t ns = p->num_splits;
     if (ns <= 0) {
+        /* Automatic splits are for decoding-sized queries (one query block per sequence), where
+         * the key range is the only parallelism left. */
         const int64_t n = k->item ? count_items(p, k->block_rows) : 0;
-        if (n == 0 || n >= FA_SPLIT_TARGET_ITEMS)
+        if (n == 0 || n >= FA_SPLIT_TARGET_ITEMS || p->sq > k->block_rows)
             return 1;
         ns = (FA_SPLIT_TARGET_ITEMS + n - 1) / n;
         if (ns > p->sk / FA_SPLIT_MIN_KEYS)
