@@ -54,13 +54,33 @@ INL __m512 exp_diff(__m512 x, __m512 m)
     return exp2_clamped(_mm512_mul_ps(_mm512_sub_ps(x, m), _mm512_set1_ps(LOG2E)));
 }
 
-/* tanh(y) = sign(y) (1 - e) / (1 + e), e = e^(-2|y|) <= 1: no overflow for any y. */
+/* expm1(x) for x <= 0, accurate relative to the result even for tiny |x|: x = n ln2 + r, q =
+ * expm1(r) from its Taylor series without the leading 1 (nothing cancels), then
+ * expm1(x) = 2^n q + (2^n - 1). Below -87 the result rounds to -1. */
+INL __m512 expm1_nonpos16(__m512 x)
+{
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln2 = hi + lo */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 q = one;
+    for (int i = 9; i >= 2; i--)
+        q = _mm512_fmadd_ps(q, _mm512_mul_ps(r, _mm512_set1_ps(1.0f / (float)i)), one);
+    q = _mm512_mul_ps(q, r);
+    __m512 s = _mm512_scalef_ps(one, n);
+    return _mm512_fmadd_ps(s, q, _mm512_sub_ps(s, one));
+}
+
+/* tanh(y) = sign(y) * -e / (2 + e) with e = expm1(-2|y|) in (-1, 0]: no cancellation near 0 (the
+ * 1 - e^(-2|y|) form loses the low bits there), no overflow for any y. */
 INL __m512 tanh16(__m512 y)
 {
     __m512 a = _mm512_abs_ps(y);
-    __m512 e = exp2_clamped(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f * LOG2E)));
-    __m512 one = _mm512_set1_ps(1.0f);
-    __m512 r = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    __m512 e = expm1_nonpos16(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
+    __m512 r = _mm512_div_ps(_mm512_sub_ps(_mm512_setzero_ps(), e),
+                             _mm512_add_ps(_mm512_set1_ps(2.0f), e));
     /* copy y's sign onto r (r >= 0) */
     __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32((int)0x80000000u));
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
