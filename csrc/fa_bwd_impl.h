@@ -135,10 +135,13 @@ FA_INLINE void bw_tile(const int NV, const int add, const acc_t *restrict A, int
                        int64_t aks, const acc_t *restrict B, int64_t ldb, int64_t kn,
                        acc_t *restrict C, int64_t ldc)
 {
+    /* With add, the block's sum starts from zero and is added to C once: a two-level summation,
+     * so the rounding error of dK/dV/dQ grows with the block size plus the number of blocks, not
+     * with the sequence length. */
     vec_t acc[FA_MR][FA_NR];
     for (int r = 0; r < FA_MR; r++)
         for (int v = 0; v < NV; v++)
-            acc[r][v] = add ? vload(C + r * ldc + v * VLEN) : vsplat(0);
+            acc[r][v] = vsplat(0);
     for (int64_t k = 0; k < kn; k++) {
         vec_t b[FA_NR];
         for (int v = 0; v < NV; v++)
@@ -151,7 +154,7 @@ FA_INLINE void bw_tile(const int NV, const int add, const acc_t *restrict A, int
     }
     for (int r = 0; r < FA_MR; r++)
         for (int v = 0; v < NV; v++)
-            vstore(C + r * ldc + v * VLEN, acc[r][v]);
+            vstore(C + r * ldc + v * VLEN, add ? vload(C + r * ldc + v * VLEN) + acc[r][v] : acc[r][v]);
 }
 
 /* C[rows x cols] (+)= A . B; rows a multiple of FA_MR, cols of VLEN. The register tile's vector

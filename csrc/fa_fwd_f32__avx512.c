@@ -123,18 +123,18 @@ INL void qk_tile(const int MR, const float *restrict QT, const float *const *kp,
 }
 
 /* O[r][c-vectors] = alpha_r O[r][..] + sum_j P^T[j][r] V[j][..] for MR rows and NR vectors of
- * the packed V block (row stride ldv, zero padded, so no masks). */
+ * the packed V block (row stride ldv, zero padded, so no masks). The block's sum starts from zero
+ * and is added to O once: a two-level summation whose rounding error grows with the block size
+ * plus the number of blocks, not with the sequence length. */
 INL void pv_tile(const int MR, const int NR, const float *restrict PT, const float *restrict V,
                  int64_t ldv, int64_t nc, const float *alpha, float *restrict O, int64_t ldo)
 {
     __m512 acc[PV_MR][PV_NR];
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; r++) {
-        __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int r = 0; r < MR; r++)
 #pragma GCC unroll 16
         for (int c = 0; c < NR; c++)
-            acc[r][c] = _mm512_mul_ps(a, _mm512_load_ps(O + r * ldo + c * 16));
-    }
+            acc[r][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < nc; j++) {
         __m512 v[PV_NR];
 #pragma GCC unroll 16
@@ -149,10 +149,13 @@ INL void pv_tile(const int MR, const int NR, const float *restrict PT, const flo
         }
     }
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; r++)
+    for (int r = 0; r < MR; r++) {
+        __m512 a = _mm512_set1_ps(alpha[r]);
 #pragma GCC unroll 16
         for (int c = 0; c < NR; c++)
-            _mm512_store_ps(O + r * ldo + c * 16, acc[r][c]);
+            _mm512_store_ps(O + r * ldo + c * 16,
+                            _mm512_fmadd_ps(a, _mm512_load_ps(O + r * ldo + c * 16), acc[r][c]));
+    }
 }
 
 /* Prefetch into L2 the next block's K and V rows [j0, j1): spread over the QK tiles so the

@@ -140,10 +140,12 @@ FA_INLINE void qk_tile(const int NV, const acc_t *restrict Q, int64_t ldq, const
 FA_INLINE void pv_tile(const int NV, const acc_t *restrict P, int64_t ldp, const acc_t *restrict V,
                        int64_t ldv, int64_t nc, acc_t *restrict O, int64_t ldo)
 {
+    /* Summed from zero and added to O once per block: a two-level summation, so the rounding
+     * error grows with the block size plus the number of blocks, not the sequence length. */
     vec_t acc[FA_MR][FA_NR];
     for (int r = 0; r < FA_MR; r++)
         for (int v = 0; v < NV; v++)
-            acc[r][v] = vload(O + r * ldo + v * VLEN);
+            acc[r][v] = vsplat(0);
     for (int64_t j = 0; j < nc; j++) {
         vec_t vv[FA_NR];
         for (int v = 0; v < NV; v++)
@@ -156,7 +158,7 @@ FA_INLINE void pv_tile(const int NV, const acc_t *restrict P, int64_t ldp, const
     }
     for (int r = 0; r < FA_MR; r++)
         for (int v = 0; v < NV; v++)
-            vstore(O + r * ldo + v * VLEN, acc[r][v]);
+            vstore(O + r * ldo + v * VLEN, vload(O + r * ldo + v * VLEN) + acc[r][v]);
 }
 
 /* Expand a call with a runtime vector count nv (1..FA_NR) into constant-count instances. */
