@@ -1,6 +1,6 @@
 """Build flash_attn_c: one CPython extension (flash_attn_c._C) from the C kernels in csrc/.
 
-Each ISA's kernels are compiled with that ISA's flags only (never -march=native, never fast-math),
+Each ISA's kernels are compiled with that ISA's flags only (no host-specific target, no relaxed math),
 so one build runs everywhere and picks its kernels at import time.
 """
 import os
