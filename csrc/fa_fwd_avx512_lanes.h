@@ -176,6 +176,57 @@ static inline void store_row(fa_dtype t, const float *src, float mul, int64_t n,
     }
 }
 
+/* ---- per-item bookkeeping shared by the kernels ---------------------------------------------- */
+
+/* Visible keys of every row [lo, hi) of the item's nrows queries from q0, of every BR-row
+ * sub-block (smin/smax, empty sub-blocks INT64_MAX/0) and of the whole item (*kmin, *kmax). */
+static void item_bands(const fa_fwd_params *p, const fa_seq *s, int64_t q0, int64_t nrows,
+                       fa_lanes *w, int64_t *smin, int64_t *smax, int64_t *kmin, int64_t *kmax)
+{
+    const int64_t nsub = (nrows + BR - 1) / BR;
+    *kmin = INT64_MAX, *kmax = 0;
+    for (int64_t sb = 0; sb < nsub; sb++) {
+        smin[sb] = INT64_MAX, smax[sb] = 0;
+        for (int64_t r = sb * BR; r < nrows && r < (sb + 1) * BR; r++) {
+            fa_row_band(p, s, q0 + r, &w->lo[r], &w->hi[r]);
+            if (w->lo[r] < w->hi[r]) {
+                smin[sb] = w->lo[r] < smin[sb] ? w->lo[r] : smin[sb];
+                smax[sb] = w->hi[r] > smax[sb] ? w->hi[r] : smax[sb];
+            }
+        }
+        *kmin = smin[sb] < *kmin ? smin[sb] : *kmin;
+        *kmax = smax[sb] > *kmax ? smax[sb] : *kmax;
+    }
+}
+
+/* Normalizes and writes query row i (item row r) of head h: out (row holds the unnormalized
+ * accumulator, d floats), lse and the NPU statistics. A row that saw no key gives 0 and +inf;
+ * invalid-line rows give 0. */
+static void finish_row(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t i,
+                       const fa_lanes *w, int64_t r, float *row, float drop_scale)
+{
+    const int64_t d = p->d;
+    const fa_dtype ot = fa_out_dtype(p);
+    char *dst = (char *)p->o +
+                (s->q_batch * p->o_sb + (s->q_row0 + i) * p->o_sr + h * p->o_sh) * fa_dtype_size(ot);
+    const int empty = w->l[r] == 0; /* a NaN sum (NaN input) propagates */
+    const int invalid = p->invalid_line_zero && w->m[r] == (float)p->mask_fill;
+    if (empty || invalid)
+        memset(row, 0, (size_t)d * 4);
+    store_row(ot, row, empty || invalid ? 0.0f : drop_scale / w->l[r], d, dst);
+    const int64_t srow = p->cu_q ? s->q_row0 + i : i;
+    const int64_t sbat = p->cu_q ? 0 : s->bi;
+    if (p->lse) {
+        float v = empty ? INFINITY : w->m[r] + (float)log((double)w->l[r]);
+        ((float *)p->lse)[sbat * p->lse_sb + h * p->lse_sh + srow * p->lse_sr] = v;
+    }
+    if (p->rowmax) {
+        const int64_t o = sbat * p->stat_sb + h * p->stat_sh + srow * p->stat_sr;
+        ((float *)p->rowmax)[o] = w->m[r];
+        ((float *)p->rowsum)[o] = invalid ? FLT_MAX : w->l[r];
+    }
+}
+
 /* ---- scores --------------------------------------------------------------------------------- */
 
 /* Turns S^T[0..nc) of the block (keys kb0..) into final scores x in place: pse, scale, softcap,

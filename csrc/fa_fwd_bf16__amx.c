@@ -258,19 +258,9 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
     const uint64_t thr = fa_dropout_threshold(p->dropout_p);
     const int featured = p->pse || p->mask || p->softcap > 0 || p->alibi;
 
-    int64_t kmin = INT64_MAX, kmax = 0, smin[QB / BR], smax[QB / BR];
-    for (int64_t sb = 0; sb < nsub; sb++) {
-        smin[sb] = INT64_MAX, smax[sb] = 0;
-        for (int64_t r = sb * BR; r < nrows && r < (sb + 1) * BR; r++) {
-            fa_row_band(p, &s, q0 + r, &w.ln.lo[r], &w.ln.hi[r]);
-            if (w.ln.lo[r] < w.ln.hi[r]) {
-                smin[sb] = w.ln.lo[r] < smin[sb] ? w.ln.lo[r] : smin[sb];
-                smax[sb] = w.ln.hi[r] > smax[sb] ? w.ln.hi[r] : smax[sb];
-            }
-        }
-        kmin = smin[sb] < kmin ? smin[sb] : kmin;
-        kmax = smax[sb] > kmax ? smax[sb] : kmax;
-    }
+    /* Visible keys of every row, of every sub-block and of the whole item. */
+    int64_t kmin, kmax, smin[QB / BR], smax[QB / BR];
+    item_bands(p, &s, q0, nrows, &w.ln, smin, smax, &kmin, &kmax);
 
     /* Q in B-tile pair layout: the 32-bit pair p = (dims 2p, 2p+1) of query n of 16-query group
      * g goes to pair-row g * nd * 16 + p, column n; padding queries and dims stay zero. */
@@ -331,25 +321,7 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
             for (int64_t dg = 0; dg < d32 / 16; dg++)
                 transpose16(ot + dg * 16 * BR, BR, tmp + dg * 16, d32);
         }
-        const fa_dtype ot = fa_out_dtype(p);
-        char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * fa_dtype_size(ot);
-        const int empty = w.ln.l[r] == 0; /* a NaN sum (NaN input) propagates */
-        const int invalid = p->invalid_line_zero && w.ln.m[r] == (float)p->mask_fill;
-        float *row = tmp + (r % 16) * d32;
-        if (empty || invalid)
-            memset(row, 0, (size_t)d * 4);
-        store_row(ot, row, empty || invalid ? 0.0f : drop_scale / w.ln.l[r], d, dst);
-        const int64_t srow = p->cu_q ? s.q_row0 + i : i;
-        const int64_t sbat = p->cu_q ? 0 : s.bi;
-        if (p->lse) {
-            float v = empty ? INFINITY : w.ln.m[r] + (float)log((double)w.ln.l[r]);
-            ((float *)p->lse)[sbat * p->lse_sb + h * p->lse_sh + srow * p->lse_sr] = v;
-        }
-        if (p->rowmax) {
-            const int64_t o = sbat * p->stat_sb + h * p->stat_sh + srow * p->stat_sr;
-            ((float *)p->rowmax)[o] = w.ln.m[r];
-            ((float *)p->rowsum)[o] = invalid ? FLT_MAX : w.ln.l[r];
-        }
+        finish_row(p, &s, h, i, &w.ln, r, tmp + (r % 16) * d32, drop_scale);
     }
 
     if (p->s_dmask) {

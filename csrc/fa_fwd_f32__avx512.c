@@ -295,19 +295,8 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
     const int featured = p->pse || p->mask || p->softcap > 0 || p->alibi;
 
     /* Visible keys of every row, of every sub-block and of the whole item. */
-    int64_t kmin = INT64_MAX, kmax = 0, smin[QB / BR], smax[QB / BR];
-    for (int64_t sb = 0; sb < nsub; sb++) {
-        smin[sb] = INT64_MAX, smax[sb] = 0;
-        for (int64_t r = sb * BR; r < nrows && r < (sb + 1) * BR; r++) {
-            fa_row_band(p, &s, q0 + r, &w.ln.lo[r], &w.ln.hi[r]);
-            if (w.ln.lo[r] < w.ln.hi[r]) {
-                smin[sb] = w.ln.lo[r] < smin[sb] ? w.ln.lo[r] : smin[sb];
-                smax[sb] = w.ln.hi[r] > smax[sb] ? w.ln.hi[r] : smax[sb];
-            }
-        }
-        kmin = smin[sb] < kmin ? smin[sb] : kmin;
-        kmax = smax[sb] > kmax ? smax[sb] : kmax;
-    }
+    int64_t kmin, kmax, smin[QB / BR], smax[QB / BR];
+    item_bands(p, &s, q0, nrows, &w.ln, smin, smax, &kmin, &kmax);
 
     /* Q^T per sub-block, padding queries zero; statistics start empty (or at the sink logit,
      * one extra key whose exp(sink - m) enters the denominator only). */
@@ -370,25 +359,7 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
     const float drop_scale = has_drop ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
     for (int64_t r = 0; r < nrows; r++) {
         const int64_t i = q0 + r;
-        const fa_dtype ot = fa_out_dtype(p);
-        char *dst = (char *)p->o + (s.q_batch * p->o_sb + (s.q_row0 + i) * p->o_sr + h * p->o_sh) * fa_dtype_size(ot);
-        const int empty = w.ln.l[r] == 0; /* a NaN sum (NaN input) propagates */
-        const int invalid = p->invalid_line_zero && w.ln.m[r] == (float)p->mask_fill;
-        float *Or = w.O + r * dp;
-        if (empty || invalid)
-            memset(Or, 0, (size_t)d * 4);
-        store_row(ot, Or, empty || invalid ? 0.0f : drop_scale / w.ln.l[r], d, dst);
-        const int64_t srow = p->cu_q ? s.q_row0 + i : i;
-        const int64_t sbat = p->cu_q ? 0 : s.bi;
-        if (p->lse) {
-            float v = empty ? INFINITY : w.ln.m[r] + (float)log((double)w.ln.l[r]);
-            ((float *)p->lse)[sbat * p->lse_sb + h * p->lse_sh + srow * p->lse_sr] = v;
-        }
-        if (p->rowmax) {
-            const int64_t o = sbat * p->stat_sb + h * p->stat_sh + srow * p->stat_sr;
-            ((float *)p->rowmax)[o] = w.ln.m[r];
-            ((float *)p->rowsum)[o] = invalid ? FLT_MAX : w.ln.l[r];
-        }
+        finish_row(p, &s, h, i, &w.ln, r, w.O + r * dp, drop_scale);
     }
 
     /* S_dmask (testing aid): recompute the scores block by block and write the normalized
