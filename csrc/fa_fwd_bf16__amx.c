@@ -1,55 +1,54 @@
 /* fa_fwd_bf16__amx.c: FlashAttention-2 forward for bfloat16 inputs on AMX (tdpbf16ps), float32
  * scores, statistics and accumulators.
  *
- * Layout: the driver packs each (batch, kv head) once, tile by tile: K in A tiles of 16 keys x 32
- * dims and V^T in A tiles of 16 dims x 32 keys, each a contiguous 1 KiB (a tile load streams 16
- * consecutive lines; row-major K and V^T rows a stride apart measured ~10% slower overall); dims
- * padded to d32 = d rounded up to 32, keys to a multiple of 32 plus one block of zero keys so
- * tiles may run past the last key. Q is packed per item in the VNNI pair layout of a B tile, and
- * key blocks start on multiples of 32.
- * A work item is up to 256 queries in four 64-query sub-blocks; per 128-key block and sub-block:
- *   S^T (128 keys x 64 queries, fp32) = K Q^T: 2x2 C tiles per step, dims in chunks of 32
- *   softmax on S^T with queries in lanes (fa_fwd_avx512_lanes.h, shared with the FMA kernel)
- *   P^T rounded to bf16 and interleaved in key pairs (the B tile layout), keys past the block 0
- *   O^T (d x 64, fp32, in scratch) = alpha O^T + V^T P^T: 2x2 C tiles loaded from and stored
- *   back to O^T; the alpha rescale is skipped for query groups whose max did not move.
+ * Layout ("brgemm" order: queries are the rows of every product, so S, P and O are row-major):
+ *   Q: per item, A tiles of 16 queries x 32 dims (1 KiB each, contiguous), dims padded to d32.
+ *   K: packed once per (batch, kv head) by the driver as B tiles in VNNI pairs over dims:
+ *      tile (16-key group g, 32-dim chunk c) holds row p = dim pair (2p, 2p+1), 16 keys x 2.
+ *   V: packed as B tiles in VNNI pairs over keys: tile (32-key chunk t, 16-dim group e) holds
+ *      row p = key pair (2p, 2p+1), 16 dims x 2.
+ * A work item is up to 256 queries in four 64-query sub-blocks that share each 256-key block of
+ * K/V (kept in L2); per key block and sub-block:
+ *   S (64 x 256 fp32, row-major) = Q K^T: 2x2 C tiles per step, the K tile pair reused from L1
+ *     by both query tile pairs (Q, 16 KiB, stays in L1);
+ *   row-wise online softmax in AVX-512 (fa_fwd_bf16_rows.h): one horizontal max and sum per row
+ *     per block, P written as bf16 A tiles;
+ *   Ob (64 x d fp32) = P V from zeroed C tiles (16 x 16 fp32: 8 k-steps per tile store), the P
+ *     tile pair reused from L1 by every dim tile pair; then O = alpha O + Ob in AVX-512, so each
+ *     block's sum joins the accumulator once (two-level summation: error ~ (block + blocks) eps
+ *     instead of S eps, see NOTES.md).
  * Numerics: Q.K products are exact in fp32 (bf16 x bf16), accumulation fp32; P enters the P V
  * product rounded to bf16 (as flash-attn does on GPUs), while the row sum l uses the fp32 P.
  * Without a packed copy (one-block calls, decode) the item runs the AVX-512 float32 kernel.
  */
 #include "fa_kernels.h"
-#include "fa_fwd_avx512_lanes.h"
+#include "fa_fwd_bf16_rows.h"
 
-#define QB FA_FWD_F32_AVX512_ROWS /* queries per item: QB / BR sub-blocks (as the FMA kernel) */
-#define BC 128                    /* keys per block */
-#define NQG (BR / 16)             /* 16-query groups per sub-block */
+#define QB FA_FWD_F32_AVX512_ROWS /* queries per item: QB / BR sub-blocks */
+#define BN FA_ROWS_BN
+#define NKC FA_ROWS_NKC
+#define NQG (BR / 16) /* 16-query groups per sub-block */
 
 #define PIECE(bytes) ((((size_t)(bytes)) + 63) / 64 * 64)
 #define D32(d) (((d) + 31) / 32 * 32)
-#define SKP(sk) (((sk) + 31) / 32 * 32 + BC)
+#define OLD(d) (D32(d) + 16) /* O / Ob row stride in floats (rows 512 B apart would share sets) */
+#define SKP(sk) (((sk) + 31) / 32 * 32 + 32)
 
 typedef struct {
-    fa_lanes ln;
-    uint16_t *Qv; /* per sub-block, per 16-query group, per 32-dim chunk: a 16 x 64-byte B tile */
-    float *OT;    /* per sub-block d32 x BR: O^T */
-    uint16_t *Pv; /* NQG x (BC / 32) B tiles of P^T */
+    uint16_t *Q;       /* QB / 16 groups x nd A tiles */
+    float *O;          /* QB x OLD: unnormalized output rows */
+    float *Ob;         /* BR x OLD: P V of the current block and sub-block */
+    float *m, *l;      /* per item row */
+    int64_t *lo, *hi;  /* visible keys per item row */
+    fa_rows rows;      /* block state; m, l point into the item's arrays per sub-block */
 } work;
-
-static work sub_block(const work *w, int64_t sb, int64_t d)
-{
-    work v = *w;
-    v.Qv += sb * NQG * (D32(d) / 32) * 512;
-    v.OT += sb * D32(d) * BR;
-    v.ln.m += sb * BR, v.ln.l += sb * BR, v.ln.alpha += sb * BR;
-    v.ln.lo += sb * BR, v.ln.hi += sb * BR;
-    return v;
-}
 
 static size_t own_scratch(int64_t d)
 {
     const int64_t d32 = D32(d);
-    return PIECE(QB * d32 * 2) + PIECE(QB * d32 * 4) + PIECE(NQG * (BC / 32) * 1024) +
-           PIECE(BC * BR * 4) + 3 * PIECE(QB * 4) + 2 * PIECE(QB * 8) + 2 * PIECE(BR * 4);
+    return PIECE(QB * d32 * 2) + PIECE(QB * OLD(d) * 4) + PIECE(BR * OLD(d) * 4) +
+           PIECE(BR * FA_ROWS_SLD * 4) + PIECE(NQG * NKC * 1024) + 2 * PIECE(QB * 4) +
+           2 * PIECE(QB * 8) + 5 * PIECE(BR * 4) + 2 * PIECE(BR * 4);
 }
 
 static work carve(void *buf, int64_t d)
@@ -57,17 +56,22 @@ static work carve(void *buf, int64_t d)
     const int64_t d32 = D32(d);
     char *p = (char *)buf;
     work w;
-    w.Qv = (uint16_t *)p, p += PIECE(QB * d32 * 2);
-    w.OT = (float *)p, p += PIECE(QB * d32 * 4);
-    w.Pv = (uint16_t *)p, p += PIECE(NQG * (BC / 32) * 1024);
-    w.ln.ST = (float *)p, p += PIECE(BC * BR * 4);
-    w.ln.m = (float *)p, p += PIECE(QB * 4);
-    w.ln.l = (float *)p, p += PIECE(QB * 4);
-    w.ln.alpha = (float *)p, p += PIECE(QB * 4);
-    w.ln.lo = (int64_t *)p, p += PIECE(QB * 8);
-    w.ln.hi = (int64_t *)p, p += PIECE(QB * 8);
-    w.ln.c0 = (int32_t *)p, p += PIECE(BR * 4);
-    w.ln.c1 = (int32_t *)p;
+    w.Q = (uint16_t *)p, p += PIECE(QB * d32 * 2);
+    w.O = (float *)p, p += PIECE(QB * OLD(d) * 4);
+    w.Ob = (float *)p, p += PIECE(BR * OLD(d) * 4);
+    w.rows.S = (float *)p, p += PIECE(BR * FA_ROWS_SLD * 4);
+    w.rows.P = (uint16_t *)p, p += PIECE(NQG * NKC * 1024);
+    w.m = (float *)p, p += PIECE(QB * 4);
+    w.l = (float *)p, p += PIECE(QB * 4);
+    w.lo = (int64_t *)p, p += PIECE(QB * 8);
+    w.hi = (int64_t *)p, p += PIECE(QB * 8);
+    w.rows.alpha = (float *)p, p += PIECE(BR * 4);
+    w.rows.mu = (float *)p, p += PIECE(BR * 4);
+    w.rows.rmax = (float *)p, p += PIECE(BR * 4);
+    w.rows.rsum = (float *)p, p += PIECE(BR * 4);
+    w.rows.c0 = (int32_t *)p, p += PIECE(BR * 4);
+    w.rows.c1 = (int32_t *)p;
+    w.rows.m = w.m, w.rows.l = w.l;
     return w;
 }
 
@@ -85,28 +89,51 @@ size_t fa_fwd_bf16__amx_pack_bytes(const fa_fwd_params *p, int64_t sk)
     return (size_t)(2 * SKP(sk) * D32(p->d)) * 2;
 }
 
-/* Both operands are stored tile by tile, each A tile a contiguous 1 KiB (16 rows x 64 bytes), so
- * a tile load streams 16 consecutive cache lines:
- *   K   tile (key group g of 16, dim chunk c of 32) at ((g * nd + c) * 16 + key % 16) * 32 + dim % 32
- *   V^T tile (key chunk t of 32, dim group e of 16) at ((t * nd16 + e) * 16 + dim % 16) * 32 + key % 32
+/* K tile (key group g, dim chunk c) at (g * nd + c) * 512, element (key n, dim t) at
+ *   (t % 32 / 2) * 32 + n * 2 + t % 2;
+ * V tile (key chunk t, dim group e) at (t * nd16 + e) * 512, element (key j, dim n) at
+ *   (j % 32 / 2) * 32 + (n % 16) * 2 + j % 2;
  * with nd = d32 / 32, nd16 = d32 / 16. Keys and dims past the end are zero. */
 void fa_fwd_bf16__amx_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, void *dst)
 {
     const fa_seq s = fa_seq_of(p, bi);
     const int64_t d = p->d, d32 = D32(d), skp = SKP(s.sk), nd = d32 / 32, nd16 = d32 / 16;
     uint16_t *Kb = (uint16_t *)dst, *Vb = Kb + skp * d32;
+    /* two key pairs' halves interleaved: (a0, b0, a1, b1, ...) from a in the low, b in the high half */
+    const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                           16, 0);
+    uint16_t rows[16 * 128] __attribute__((aligned(64))); /* 16 keys x one 128-dim slice of K */
     memset(dst, 0, fa_fwd_bf16__amx_pack_bytes(p, s.sk));
-    for (int64_t j = 0; j < s.sk; j++) {
-        const uint16_t *kr = (const uint16_t *)fa_key_ptr(p, &p->k, &s, j, hk, 2);
-        const uint16_t *vr = (const uint16_t *)fa_key_ptr(p, &p->v, &s, j, hk, 2);
-        uint16_t *kt = Kb + (j / 16) * nd * 512 + (j % 16) * 32;
-        for (int64_t c = 0; c < nd; c++) {
-            int64_t n = d - c * 32 < 32 ? d - c * 32 : 32;
-            memcpy(kt + c * 512, kr + c * 32, (size_t)n * 2);
+    /* K: 16 keys at a time; within a 32-dim chunk a tile is the 16 x 16 transpose of the keys'
+     * 32-bit dim pairs. */
+    for (int64_t j0 = 0; j0 < s.sk; j0 += 16) {
+        const int64_t nk = s.sk - j0 < 16 ? s.sk - j0 : 16;
+        for (int64_t c0 = 0; c0 < d32; c0 += 128) {
+            const int64_t w = d32 - c0 < 128 ? d32 - c0 : 128, nv = d - c0 < w ? d - c0 : w;
+            memset(rows, 0, sizeof rows);
+            for (int64_t n = 0; n < nk; n++) {
+                const uint16_t *kr = (const uint16_t *)fa_key_ptr(p, &p->k, &s, j0 + n, hk, 2);
+                memcpy(rows + n * 128, kr + c0, (size_t)nv * 2);
+            }
+            for (int64_t c = 0; c < w; c += 32)
+                transpose16((const float *)(rows + c), 64,
+                            (float *)(Kb + ((j0 / 16) * nd + (c0 + c) / 32) * 512), 16);
         }
-        uint16_t *vt = Vb + (j / 32) * nd16 * 512 + j % 32;
-        for (int64_t c = 0; c < d; c++)
-            vt[(c / 16) * 512 + (c % 16) * 32] = vr[c];
+    }
+    /* V: key pairs (j, j + 1) interleaved 16 dims at a time into one 64-byte tile row. */
+    for (int64_t j = 0; j < s.sk; j += 2) {
+        const uint16_t *va = (const uint16_t *)fa_key_ptr(p, &p->v, &s, j, hk, 2);
+        const uint16_t *vb = j + 1 < s.sk ? (const uint16_t *)fa_key_ptr(p, &p->v, &s, j + 1, hk, 2) : NULL;
+        uint16_t *vt = Vb + (j / 32) * nd16 * 512 + (j % 32 / 2) * 32;
+        for (int64_t e = 0; e < nd16; e++) {
+            const int64_t n = d - e * 16;
+            const __mmask16 t = tail16(n);
+            const __m256i a = _mm256_maskz_loadu_epi16(t, va + e * 16);
+            const __m256i b = vb ? _mm256_maskz_loadu_epi16(t, vb + e * 16) : _mm256_setzero_si256();
+            const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+            _mm512_storeu_si512(vt + e * 512, _mm512_permutexvar_epi16(inter, ab));
+        }
     }
 }
 
@@ -131,111 +158,89 @@ static void amx_configure(void)
     _tile_loadconfig(&c);
 }
 
-/* S^T[0..64)[0..64) of the sub-block for keys kb0..kb0+64 (rows past nc are finite garbage that
- * the softmax never reads). Tiles: C 0-3, A (K) 4-5, B (Q) 6-7. */
-static void amx_qk(const uint16_t *Kb, int64_t d32, int64_t kb0, int64_t nc, const work *w)
+/* S[0 .. 16 ngroups)[0 .. round32(nc)) = Q K^T for keys kb0.. of sub-block Qs. Tiles: C 0-3,
+ * A (Q) 4-5, B (K) 6-7. Key tile pair outer, query pair inner: the K pair is read from L2 once
+ * and again from L1 for the second query pair; Q stays in L1. */
+static void amx_qk(const uint16_t *Kb, const uint16_t *Qs, int64_t nd, int64_t kb0, int64_t nc,
+                   int64_t ngroups, float *S)
 {
-    const int64_t nd = d32 / 32, kgroups = (nc + 15) / 16;
-    float *ST = w->ln.ST;
+    const int64_t kgroups = (nc + 15) / 16;
     for (int64_t kg = 0; kg < kgroups; kg += 2) {
         const uint16_t *k0 = Kb + (kb0 / 16 + kg) * nd * 512, *k1 = k0 + nd * 512;
-        for (int qg = 0; qg < NQG; qg += 2) {
-            const uint16_t *q0 = w->Qv + qg * nd * 512, *q1 = q0 + nd * 512;
+        for (int64_t qg = 0; qg < ngroups; qg += 2) {
+            const uint16_t *q0 = Qs + qg * nd * 512, *q1 = q0 + nd * 512;
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
             for (int64_t dc = 0; dc < nd; dc++) {
-                if (qg == NQG - 2 && kg + 2 < kgroups) {
-                    /* the next key-group pair's tiles for this chunk, into L1 ahead of use */
-                    const char *nx = (const char *)(k0 + 2 * nd * 512 + dc * 512);
-                    for (int b = 0; b < 1024; b += 64) {
-                        _mm_prefetch(nx + b, _MM_HINT_T0);
-                        _mm_prefetch(nx + nd * 1024 + b, _MM_HINT_T0);
-                    }
-                }
-                _tile_loadd(4, k0 + dc * 512, 64);
-                _tile_loadd(5, k1 + dc * 512, 64);
-                _tile_loadd(6, q0 + dc * 512, 64);
-                _tile_loadd(7, q1 + dc * 512, 64);
+                _tile_loadd(4, q0 + dc * 512, 64);
+                _tile_loadd(5, q1 + dc * 512, 64);
+                _tile_loadd(6, k0 + dc * 512, 64);
+                _tile_loadd(7, k1 + dc * 512, 64);
                 _tile_dpbf16ps(0, 4, 6);
                 _tile_dpbf16ps(1, 4, 7);
                 _tile_dpbf16ps(2, 5, 6);
                 _tile_dpbf16ps(3, 5, 7);
             }
-            float *c = ST + kg * 16 * BR + qg * 16;
-            _tile_stored(0, c, BR * 4);
-            _tile_stored(1, c + 16, BR * 4);
-            _tile_stored(2, c + 16 * BR, BR * 4);
-            _tile_stored(3, c + 16 * BR + 16, BR * 4);
+            float *c = S + qg * 16 * FA_ROWS_SLD + kg * 16;
+            _tile_stored(0, c, FA_ROWS_SLD * 4);
+            _tile_stored(1, c + 16, FA_ROWS_SLD * 4);
+            _tile_stored(2, c + 16 * FA_ROWS_SLD, FA_ROWS_SLD * 4);
+            _tile_stored(3, c + 16 * FA_ROWS_SLD + 16, FA_ROWS_SLD * 4);
         }
     }
 }
 
-/* P^T (fp32, ST) -> bf16 B tiles: row k of tile (qg, kc) holds, for each query n of the group,
- * the pair (P^T[kc*32 + 2k][n], P^T[kc*32 + 2k + 1][n]); keys >= nc are 0. */
-static void pack_p(const work *w, int64_t nc)
+/* Ob[0 .. 16 ngroups)[0 .. d32) = P V for keys kb0 .. kb0 + nc (P zero past nc). Tiles: C 0-3,
+ * A (P) 4-5, B (V) 6-7. Query pair outer, dim pair inner: the P rows of a query pair (8 KiB)
+ * are reused from L1 by every dim pair. */
+static void amx_pv(const uint16_t *Vb, int64_t d32, int64_t kb0, int64_t nc, int64_t ngroups,
+                   const uint16_t *P, float *Ob, int64_t ldo)
 {
-    const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                           16, 0);
-    const int64_t nkc = (nc + 31) / 32;
-    for (int qg = 0; qg < NQG; qg++)
-        for (int64_t kc = 0; kc < nkc; kc++) {
-            uint16_t *tile = w->Pv + (qg * (BC / 32) + kc) * 512;
-            for (int k = 0; k < 16; k++) {
-                const int64_t j = kc * 32 + 2 * k;
-                __m512 a = j < nc ? _mm512_load_ps(w->ln.ST + j * BR + qg * 16) : _mm512_setzero_ps();
-                __m512 b = j + 1 < nc ? _mm512_load_ps(w->ln.ST + (j + 1) * BR + qg * 16)
-                                      : _mm512_setzero_ps();
-                __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
-                _mm512_store_si512(tile + k * 32, _mm512_permutexvar_epi16(inter, ab));
-            }
-        }
-}
-
-/* O^T = alpha O^T + V^T P^T for keys kb0..kb0+nc. Tiles: C 0-3 (O^T), A (V^T) 4-5, B (P) 6-7. */
-static void amx_pv(const uint16_t *Vb, int64_t d32, int64_t kb0, int64_t nc, const work *w)
-{
-    float *OT = w->OT;
-    for (int qg = 0; qg < NQG; qg++) {
-        const __m512 a = _mm512_load_ps(w->ln.alpha + qg * 16);
-        if (_mm512_cmp_ps_mask(a, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ) == 0)
-            continue; /* the max of every query in the group stayed put */
-        for (int64_t r = 0; r < d32; r++) {
-            float *o = OT + r * BR + qg * 16;
-            _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), a));
-        }
-    }
-    const int64_t nkc = (nc + 31) / 32;
-    for (int64_t dg = 0; dg < d32 / 16; dg += 2) {
-        const uint16_t *v0 = Vb + ((kb0 / 32) * (d32 / 16) + dg) * 512, *v1 = v0 + 512;
-        for (int qg = 0; qg < NQG; qg += 2) {
-            float *c = OT + dg * 16 * BR + qg * 16;
-            _tile_loadd(0, c, BR * 4);
-            _tile_loadd(1, c + 16, BR * 4);
-            _tile_loadd(2, c + 16 * BR, BR * 4);
-            _tile_loadd(3, c + 16 * BR + 16, BR * 4);
+    const int64_t nkc = (nc + 31) / 32, nd16 = d32 / 16;
+    const uint16_t *vblk = Vb + (kb0 / 32) * nd16 * 512;
+    for (int64_t qg = 0; qg < ngroups; qg += 2) {
+        const uint16_t *p0 = P + qg * NKC * 512, *p1 = p0 + NKC * 512;
+        for (int64_t dg = 0; dg < nd16; dg += 2) {
+            const uint16_t *v0 = vblk + dg * 512, *v1 = v0 + 512;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
             for (int64_t kc = 0; kc < nkc; kc++) {
-                if (qg == NQG - 2 && dg + 2 < d32 / 16) {
-                    /* the next dim-group pair's tiles for this key chunk */
-                    const char *nx = (const char *)(v0 + 1024 + kc * (d32 / 16) * 512);
-                    for (int b = 0; b < 2048; b += 64)
-                        _mm_prefetch(nx + b, _MM_HINT_T0);
-                }
-                _tile_loadd(4, v0 + kc * (d32 / 16) * 512, 64);
-                _tile_loadd(5, v1 + kc * (d32 / 16) * 512, 64);
-                _tile_loadd(6, w->Pv + (qg * (BC / 32) + kc) * 512, 64);
-                _tile_loadd(7, w->Pv + ((qg + 1) * (BC / 32) + kc) * 512, 64);
+                _tile_loadd(4, p0 + kc * 512, 64);
+                _tile_loadd(5, p1 + kc * 512, 64);
+                _tile_loadd(6, v0 + kc * nd16 * 512, 64);
+                _tile_loadd(7, v1 + kc * nd16 * 512, 64);
                 _tile_dpbf16ps(0, 4, 6);
                 _tile_dpbf16ps(1, 4, 7);
                 _tile_dpbf16ps(2, 5, 6);
                 _tile_dpbf16ps(3, 5, 7);
             }
-            _tile_stored(0, c, BR * 4);
-            _tile_stored(1, c + 16, BR * 4);
-            _tile_stored(2, c + 16 * BR, BR * 4);
-            _tile_stored(3, c + 16 * BR + 16, BR * 4);
+            float *c = Ob + qg * 16 * ldo + dg * 16;
+            _tile_stored(0, c, ldo * 4);
+            _tile_stored(1, c + 16, ldo * 4);
+            _tile_stored(2, c + 16 * ldo, ldo * 4);
+            _tile_stored(3, c + 16 * ldo + 16, ldo * 4);
+        }
+    }
+}
+
+/* O = alpha O + Ob for rows [0, nr); rows whose max stayed put (alpha = 1) skip the multiply. */
+static void rescale_add(float *O, const float *Ob, const float *alpha, int64_t nr, int64_t d32,
+                        int64_t ldo)
+{
+    for (int64_t r = 0; r < nr; r++) {
+        float *o = O + r * ldo;
+        const float *b = Ob + r * ldo;
+        if (alpha[r] == 1.0f) {
+            for (int64_t c = 0; c < d32; c += 16)
+                _mm512_storeu_ps(o + c, _mm512_add_ps(_mm512_loadu_ps(o + c), _mm512_loadu_ps(b + c)));
+        } else {
+            const __m512 a = _mm512_set1_ps(alpha[r]);
+            for (int64_t c = 0; c < d32; c += 16)
+                _mm512_storeu_ps(o + c, _mm512_fmadd_ps(_mm512_loadu_ps(o + c), a, _mm512_loadu_ps(b + c)));
         }
     }
 }
@@ -247,7 +252,7 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
 {
     if (!packed || p->dtype != FA_BF16)
         return fa_fwd_f32__avx512_item(p, bi, h, q0, NULL, buf);
-    const int64_t d = p->d, d32 = D32(d), nd = d32 / 32;
+    const int64_t d = p->d, d32 = D32(d), nd = d32 / 32, ldo = OLD(d);
     const fa_seq s = fa_seq_of(p, bi);
     const int64_t skp = SKP(s.sk);
     const uint16_t *Kb = (const uint16_t *)packed, *Vb = Kb + skp * d32;
@@ -256,87 +261,86 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
     work w = carve(buf, d);
     const int has_drop = p->dropout_p > 0;
     const uint64_t thr = fa_dropout_threshold(p->dropout_p);
-    const int featured = p->pse || p->mask || p->softcap > 0 || p->alibi;
+    const int featured = p->pse || p->mask || p->softcap > 0 || p->alibi || !(p->scale > 0);
 
     /* Visible keys of every row, of every sub-block and of the whole item. */
+    fa_lanes ln;
+    memset(&ln, 0, sizeof ln);
+    ln.m = w.m, ln.l = w.l, ln.lo = w.lo, ln.hi = w.hi;
     int64_t kmin, kmax, smin[QB / BR], smax[QB / BR];
-    item_bands(p, &s, q0, nrows, &w.ln, smin, smax, &kmin, &kmax);
+    item_bands(p, &s, q0, nrows, &ln, smin, smax, &kmin, &kmax);
 
-    /* Q in B-tile pair layout: the 32-bit pair p = (dims 2p, 2p+1) of query n of 16-query group
-     * g goes to pair-row g * nd * 16 + p, column n; padding queries and dims stay zero. */
-    memset(w.Qv, 0, (size_t)(nsub * BR * d32) * 2);
-    uint32_t *pairs = (uint32_t *)w.ln.ST; /* scratch for one zero-padded row */
+    /* Q rows in A tiles; padding queries and dims stay zero. */
+    memset(w.Q, 0, (size_t)(nsub * BR * d32) * 2);
     for (int64_t r = 0; r < nrows; r++) {
         const uint16_t *src = (const uint16_t *)p->q.ptr +
                               (s.q_batch * p->q.sb + (s.q_row0 + q0 + r) * p->q.sr + h * p->q.sh);
-        memset(pairs, 0, (size_t)d32 * 2);
-        memcpy(pairs, src, (size_t)d * 2);
-        uint32_t *dst = (uint32_t *)w.Qv + (r / 16) * nd * 16 * 16 + r % 16;
-        for (int64_t pr = 0; pr < d32 / 2; pr++)
-            dst[pr * 16] = pairs[pr];
+        uint16_t *dst = w.Q + (r / 16) * nd * 512 + (r % 16) * 32;
+        for (int64_t c = 0; c < nd; c++)
+            memcpy(dst + c * 512, src + c * 32, (size_t)(d - c * 32 < 32 ? d - c * 32 : 32) * 2);
     }
     for (int64_t r = 0; r < nsub * BR; r++) {
-        w.ln.m[r] = -INFINITY;
-        w.ln.l[r] = 0;
+        w.m[r] = -INFINITY;
+        w.l[r] = 0;
         if (p->sink && r < nrows) {
-            w.ln.m[r] = p->sink[h];
-            w.ln.l[r] = 1;
+            w.m[r] = p->sink[h];
+            w.l[r] = 1;
         }
     }
-    memset(w.OT, 0, (size_t)(nsub * BR * d32) * 4);
+    memset(w.O, 0, (size_t)(nsub * BR * ldo) * 4);
     amx_configure();
 
     /* Blocks start on a multiple of 32 keys (the packed tiles' granularity); keys before kmin in
      * the first block are outside every row's band and get masked. */
     kmin &= ~(int64_t)31;
-    for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BC) {
-        const int64_t nc = kmax - kb0 < BC ? kmax - kb0 : BC;
+    for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BN) {
+        const int64_t nc = kmax - kb0 < BN ? kmax - kb0 : BN;
         for (int64_t sb = 0; sb < nsub; sb++) {
             if (smin[sb] >= kb0 + nc || smax[sb] <= kb0)
                 continue;
-            work v = sub_block(&w, sb, d);
             const int64_t qs = q0 + sb * BR;
             const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
+            const int64_t ngroups = ((nr + 31) / 32) * 2; /* whole query tile pairs */
+            fa_rows v = w.rows;
+            v.m += sb * BR, v.l += sb * BR;
+            fa_lanes band = ln;
+            band.lo += sb * BR, band.hi += sb * BR, band.c0 = v.c0, band.c1 = v.c1;
             /* Keys of the block past this sub-block's last visible key (causal diagonal) are
              * masked for all its rows: leave them out instead. */
             const int64_t ncs = smax[sb] - kb0 < nc ? smax[sb] - kb0 : nc;
-            const int full = block_band(&v.ln, nr, kb0, ncs);
-            amx_qk(Kb, d32, kb0, ncs, &v);
-            block_scores(p, &s, h, qs, nr, kb0, ncs, full && !featured, &v.ln);
-            block_softmax(&v.ln, ncs);
+            const int plain = block_band(&band, nr, kb0, ncs) && !featured;
+            amx_qk(Kb, w.Q + sb * NQG * nd * 512, nd, kb0, ncs, ngroups, v.S);
+            if (!plain)
+                rows_scores(p, &s, h, qs, nr, kb0, ncs, &v);
+            rows_softmax(&v, nr, ngroups, ncs, plain ? (float)p->scale : 1.0f);
             if (has_drop)
-                block_dropout(p, &s, h, qs, nr, kb0, &v.ln, v.ln.ST, thr);
-            pack_p(&v, ncs);
-            amx_pv(Vb, d32, kb0, ncs, &v);
+                rows_dropout(p, &s, h, qs, nr, kb0, &v, thr);
+            amx_pv(Vb, d32, kb0, ncs, ngroups, v.P, w.Ob, ldo);
+            rescale_add(w.O + sb * BR * ldo, w.Ob, v.alpha, nr, d32, ldo);
         }
     }
 
     const float drop_scale = has_drop ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
-    float *tmp = w.ln.ST; /* free now: 16 output rows (16 x d32 floats <= BC x BR) */
-    for (int64_t r = 0; r < nrows; r++) {
-        const int64_t i = q0 + r;
-        if (r % 16 == 0) {
-            /* O^T of this 16-query group back to rows, one 16 x 16 block at a time */
-            const float *ot = w.OT + (r / BR) * d32 * BR + r % BR;
-            for (int64_t dg = 0; dg < d32 / 16; dg++)
-                transpose16(ot + dg * 16 * BR, BR, tmp + dg * 16, d32);
-        }
-        finish_row(p, &s, h, i, &w.ln, r, tmp + (r % 16) * d32, drop_scale);
-    }
+    for (int64_t r = 0; r < nrows; r++)
+        finish_row(p, &s, h, q0 + r, &ln, r, w.O + r * ldo, drop_scale);
 
     if (p->s_dmask) {
-        for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BC) {
-            const int64_t nc = kmax - kb0 < BC ? kmax - kb0 : BC;
+        for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BN) {
+            const int64_t nc = kmax - kb0 < BN ? kmax - kb0 : BN;
             for (int64_t sb = 0; sb < nsub; sb++) {
                 if (smin[sb] >= kb0 + nc || smax[sb] <= kb0)
                     continue;
-                work v = sub_block(&w, sb, d);
                 const int64_t qs = q0 + sb * BR;
                 const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
-                block_band(&v.ln, nr, kb0, nc);
-                amx_qk(Kb, d32, kb0, nc, &v);
-                block_scores(p, &s, h, qs, nr, kb0, nc, 0, &v.ln);
-                s_dmask_block(p, &s, h, qs, nr, kb0, nc, has_drop, thr, &v.ln);
+                const int64_t ngroups = ((nr + 31) / 32) * 2;
+                fa_rows v = w.rows;
+                v.m += sb * BR, v.l += sb * BR;
+                fa_lanes band = ln;
+                band.lo += sb * BR, band.hi += sb * BR, band.c0 = v.c0, band.c1 = v.c1;
+                block_band(&band, nr, kb0, nc);
+                amx_qk(Kb, w.Q + sb * NQG * nd * 512, nd, kb0, nc, ngroups, v.S);
+                rows_scores(p, &s, h, qs, nr, kb0, nc, &v);
+                rows_s_dmask(p, &s, h, qs, nr, kb0, nc, has_drop, thr, &v);
             }
         }
     }

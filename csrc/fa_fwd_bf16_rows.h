@@ -1,0 +1,223 @@
+/* fa_fwd_bf16_rows.h: the softmax half of the AMX bf16 forward kernel (fa_fwd_bf16__amx.c), on
+ * a score block kept row-major: S[query r][key j], row stride FA_ROWS_SLD floats, as written by
+ * AMX tile stores (one C tile = 16 queries x 16 keys).
+ *
+ * Every statistic of a query is a horizontal reduction over its row, done once per row per key
+ * block (256 keys), so its cost is spread over the whole block; the exponentials go straight to
+ * bf16 P in the A-tile layout of the P.V product (tile (query group g, key chunk c) = 16 rows of
+ * 32 keys, a contiguous 1 KiB), so P is never stored as float32.
+ *
+ * exp: exp2_clamped of fa_fwd_avx512_lanes.h (same polynomial, same accuracy) of
+ * t = (x sx - m) log2 e, the bracket in one FMA (one rounding, where the lanes kernel rounds
+ * x sx first). For blocks whose scores need only the scale (no band edge inside, no softcap,
+ * alibi, pse or mask) sx is the scale and x the raw score, so no pass rewrites S; the row max is
+ * then taken on raw scores (scale > 0 keeps the order). Other blocks are first turned into final
+ * scores in place (rows_scores) and sx = 1.
+ * Included only by the AMX translation unit.
+ */
+#ifndef FA_FWD_BF16_ROWS_H
+#define FA_FWD_BF16_ROWS_H
+
+#include "fa_fwd_avx512_lanes.h"
+
+#define FA_ROWS_BN 256                 /* keys per block */
+#define FA_ROWS_SLD (FA_ROWS_BN + 16)  /* S row stride in floats: rows 1 KiB apart would share sets */
+#define FA_ROWS_NKC (FA_ROWS_BN / 32)  /* 32-key chunks (P tiles) per query group */
+
+/* Per-block state of one 64-query sub-block (BR rows). */
+typedef struct {
+    float *S;               /* BR x FA_ROWS_SLD: scores of the block, then final scores x */
+    uint16_t *P;            /* (BR / 16) x FA_ROWS_NKC bf16 A tiles of P */
+    float *m, *l, *alpha;   /* running max, running sum, last rescale (per sub-block row) */
+    float *mu;              /* the block's shift: m, or 0 for a row that saw only -inf */
+    float *rmax, *rsum;     /* per-row block max and block sum */
+    int32_t *c0, *c1;       /* visible columns [c0, c1) of each row within the block */
+} fa_rows;
+
+INL uint16_t *p_row(const fa_rows *w, int64_t r, int64_t kc)
+{
+    return w->P + ((r / 16) * FA_ROWS_NKC + kc) * 512 + (r % 16) * 32;
+}
+
+INL __mmask16 tail16(int64_t n)
+{
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+/* Turns S[0..nr)[0..nc) into final scores in place: pse, scale, softcap, alibi, band (-inf
+ * outside [c0, c1) of each row) and the explicit mask; q0 is the sequence row of row 0. */
+static void rows_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
+                        int64_t nr, int64_t kb0, int64_t nc, fa_rows *w)
+{
+    const int softcap = p->softcap > 0, alibi = p->alibi != NULL;
+    const __m512 scale = _mm512_set1_ps((float)p->scale);
+    const __m512 cap = _mm512_set1_ps((float)p->softcap);
+    const __m512 inv_cap = _mm512_set1_ps((float)(1.0 / p->softcap));
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    const __m512 slope = _mm512_set1_ps(alibi ? p->alibi[s->bi * p->alibi_sb + h] : 0.0f);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i iotai = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t r = 0; r < nr; r++) {
+        float *x = w->S + r * FA_ROWS_SLD;
+        const int64_t pse_base = s->q_batch * p->pse_sb + h * p->pse_sh + (q0 + r) * p->pse_sr;
+        if (p->pse && !p->pse_after_scale)
+            for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
+                x[c] += load1(p->pse_dtype, p->pse, pse_base + (kb0 + c) * p->pse_sc);
+        /* alibi distance |i + sk - sq - j|, bottom-right aligned: the diagonal's column */
+        const __m512 diag = _mm512_set1_ps((float)(q0 + r + s->sk - s->sq - kb0));
+        const __m512i c0 = _mm512_set1_epi32(w->c0[r]), c1 = _mm512_set1_epi32(w->c1[r]);
+        for (int64_t j = 0; j < nc; j += 16) {
+            const __mmask16 t = tail16(nc - j);
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, x + j), scale);
+            if (softcap)
+                v = _mm512_mul_ps(cap, tanh16(_mm512_mul_ps(v, inv_cap)));
+            if (alibi) {
+                __m512 col = _mm512_add_ps(iota, _mm512_set1_ps((float)j));
+                v = _mm512_fnmadd_ps(slope, _mm512_abs_ps(_mm512_sub_ps(diag, col)), v);
+            }
+            const __m512i jj = _mm512_add_epi32(iotai, _mm512_set1_epi32((int)j));
+            __mmask16 in = _mm512_cmple_epi32_mask(c0, jj) & _mm512_cmplt_epi32_mask(jj, c1);
+            _mm512_mask_storeu_ps(x + j, t, _mm512_mask_blend_ps(in, ninf, v));
+        }
+        if (p->pse && p->pse_after_scale) /* torch_npu inference ops: scale * q.k + pse_shift */
+            for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
+                x[c] += load1(p->pse_dtype, p->pse, pse_base + (kb0 + c) * p->pse_sc);
+        if (p->mask) {
+            const float fill = (float)p->mask_fill;
+            const uint8_t *mrow =
+                p->mask + s->q_batch * p->mask_sb + h * p->mask_sh + (q0 + r) * p->mask_sr;
+            for (int64_t c = w->c0[r]; c < w->c1[r]; c++)
+                if (mrow[(kb0 + c) * p->mask_sc])
+                    x[c] = fill;
+        }
+    }
+}
+
+/* Online softmax of rows [0, nr) over the block's nc keys: updates m, l, sets alpha and writes P
+ * (bf16 A tiles, keys nc..round32(nc) and rows nr..ngroups*16 zero). `sx` multiplies the stored
+ * values to give final scores: scale on raw scores (plain blocks, scale > 0), else 1. */
+static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, float sx)
+{
+    const int64_t nkc = (nc + 31) / 32;
+    for (int64_t r = 0; r < nr; r++) {
+        const float *x = w->S + r * FA_ROWS_SLD;
+        __m512 a = _mm512_set1_ps(-INFINITY), b = a;
+        int64_t j = 0;
+        for (; j + 32 <= nc; j += 32) {
+            a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);
+            b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
+        }
+        for (; j < nc; j += 16)
+            a = _mm512_mask_max_ps(a, tail16(nc - j), _mm512_loadu_ps(x + j), a);
+        w->rmax[r] = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+    }
+    for (int64_t r = nr; r < ngroups * 16; r++)
+        w->rmax[r] = -INFINITY;
+    const __m512 vsx = _mm512_set1_ps(sx);
+    for (int64_t g = 0; g < ngroups; g++) {
+        const __m512 m_old = _mm512_loadu_ps(w->m + g * 16);
+        /* maxps returns its second operand when either is NaN: a NaN running max stays NaN (a NaN
+         * block max is caught through the row sum below). */
+        const __m512 mx = _mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(w->rmax + g * 16), vsx), m_old);
+        /* A row that has seen nothing but -inf keeps m = -inf; shifting by 0 instead keeps its
+         * exponentials at exactly 0 (and alpha = 0 on the all-zero accumulator). */
+        const __mmask16 none = _mm512_cmpeq_ps_mask(mx, _mm512_set1_ps(-INFINITY));
+        const __m512 mu = _mm512_mask_blend_ps(none, mx, _mm512_setzero_ps());
+        _mm512_storeu_ps(w->mu + g * 16, mu);
+        _mm512_storeu_ps(w->alpha + g * 16, exp_diff(m_old, mu));
+        _mm512_storeu_ps(w->m + g * 16, mx);
+    }
+    const __m512 l2e = _mm512_set1_ps(LOG2E);
+    for (int64_t r = 0; r < nr; r++) {
+        const float *x = w->S + r * FA_ROWS_SLD;
+        const __m512 nmu = _mm512_set1_ps(-w->mu[r]);
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        for (int64_t kc = 0; kc < nkc; kc++) {
+            const int64_t j = kc * 32;
+            const __mmask16 t0 = tail16(nc - j), t1 = tail16(nc - j - 16);
+            const __m512 x0 = _mm512_maskz_loadu_ps(t0, x + j), x1 = _mm512_maskz_loadu_ps(t1, x + j + 16);
+            /* (x sx - mu) with one rounding, then to base 2 */
+            __m512 e0 = exp2_clamped(_mm512_mul_ps(_mm512_fmadd_ps(x0, vsx, nmu), l2e));
+            __m512 e1 = exp2_clamped(_mm512_mul_ps(_mm512_fmadd_ps(x1, vsx, nmu), l2e));
+            if (j + 32 > nc) { /* keys past the block: P = 0 */
+                e0 = _mm512_maskz_mov_ps(t0, e0);
+                e1 = _mm512_maskz_mov_ps(t1, e1);
+            }
+            s0 = _mm512_add_ps(s0, e0);
+            s1 = _mm512_add_ps(s1, e1);
+            _mm512_storeu_si512(p_row(w, r, kc), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        }
+        w->rsum[r] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    }
+    for (int64_t r = nr; r < ngroups * 16; r++) {
+        w->rsum[r] = 0;
+        for (int64_t kc = 0; kc < nkc; kc++)
+            _mm512_storeu_si512(p_row(w, r, kc), _mm512_setzero_si512());
+    }
+    for (int64_t g = 0; g < ngroups; g++) {
+        /* the block's sum joins the running sum once (two-level summation) */
+        const __m512 l = _mm512_fmadd_ps(_mm512_loadu_ps(w->l + g * 16), _mm512_loadu_ps(w->alpha + g * 16),
+                                         _mm512_loadu_ps(w->rsum + g * 16));
+        _mm512_storeu_ps(w->l + g * 16, l);
+        /* a NaN score gives a NaN sum: the row's max becomes NaN too (NaN input poisons the row) */
+        const __mmask16 nan = _mm512_cmp_ps_mask(l, l, _CMP_UNORD_Q);
+        _mm512_mask_storeu_ps(w->m + g * 16, nan, _mm512_set1_ps(NAN));
+    }
+}
+
+/* Zeroes the dropped entries of P for rows [0, nr) within their visible columns (the same draws
+ * as every other kernel: one Philox call per 4 keys of a row). */
+static void rows_dropout(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
+                         int64_t nr, int64_t kb0, const fa_rows *w, uint64_t thr)
+{
+    const uint64_t bh = (uint64_t)(s->bi * p->h + h);
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t j0 = kb0 + w->c0[r], j1 = kb0 + w->c1[r];
+        for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
+            uint32_t rnd[4];
+            fa_dropout_draw4(p->seed, p->offset, bh, (uint64_t)(q0 + r), (uint64_t)(j4 >> 2), rnd);
+            for (int t = 0; t < 4; t++) {
+                const int64_t j = j4 + t;
+                if (j >= j0 && j < j1 && (uint64_t)rnd[t] < thr)
+                    p_row(w, r, (j - kb0) / 32)[(j - kb0) % 32] = 0;
+            }
+        }
+    }
+}
+
+/* Writes the normalized probabilities of rows [0, nr) of one block (final scores in S, final m
+ * and l) into S_dmask, entries that dropout removes negated. */
+static void rows_s_dmask(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
+                         int64_t nr, int64_t kb0, int64_t nc, int has_drop, uint64_t thr,
+                         const fa_rows *w)
+{
+    const uint64_t bh = (uint64_t)(s->bi * p->h + h);
+    for (int64_t r = 0; r < nr; r++) {
+        if (!(w->l[r] > 0))
+            continue;
+        float *x = w->S + r * FA_ROWS_SLD;
+        const __m512 m = _mm512_set1_ps(w->m[r]), inv_l = _mm512_set1_ps(1.0f / w->l[r]);
+        for (int64_t j = 0; j < nc; j += 16) {
+            const __mmask16 t = tail16(nc - j);
+            __m512 e = _mm512_mul_ps(exp_diff(_mm512_maskz_loadu_ps(t, x + j), m), inv_l);
+            _mm512_mask_storeu_ps(x + j, t, e);
+        }
+        float *out = p->s_dmask + s->bi * p->sd_sb + h * p->sd_sh + (q0 + r) * p->sd_sr;
+        const int64_t j0 = kb0 + w->c0[r], j1 = kb0 + w->c1[r];
+        for (int64_t j = j0; j < j1; j++)
+            out[j] = x[j - kb0];
+        if (!has_drop)
+            continue;
+        for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
+            uint32_t rnd[4];
+            fa_dropout_draw4(p->seed, p->offset, bh, (uint64_t)(q0 + r), (uint64_t)(j4 >> 2), rnd);
+            for (int t = 0; t < 4; t++) {
+                const int64_t j = j4 + t;
+                if (j >= j0 && j < j1 && (uint64_t)rnd[t] < thr)
+                    out[j] = -out[j];
+            }
+        }
+    }
+}
+
+#endif
