@@ -322,7 +322,7 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
 
     const float drop_scale = has_drop ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
     for (int64_t r = 0; r < nrows; r++)
-        finish_row(p, &s, h, q0 + r, &ln, r, w.O + r * ldo, drop_scale);
+        finish_row_rows(p, &s, h, q0 + r, &ln, r, w.O + r * ldo, drop_scale);
 
     if (p->s_dmask) {
         for (int64_t kb0 = kmin; kb0 < kmax; kb0 += BN) {

@@ -7,7 +7,7 @@
  * bf16 P in the A-tile layout of the P.V product (tile (query group g, key chunk c) = 16 rows of
  * 32 keys, a contiguous 1 KiB), so P is never stored as float32.
  *
- * exp: exp2_clamped of fa_fwd_avx512_lanes.h (same polynomial, same accuracy) of
+ * exp: exp2_rows, bit for bit exp2_clamped of fa_fwd_avx512_lanes.h (same accuracy), of
  * t = (x sx - m) log2 e, the bracket in one FMA (one rounding, where the lanes kernel rounds
  * x sx first). For blocks whose scores need only the scale (no band edge inside, no softcap,
  * alibi, pse or mask) sx is the scale and x the raw score, so no pass rewrites S; the row max is
@@ -18,7 +18,11 @@
 #ifndef FA_FWD_BF16_ROWS_H
 #define FA_FWD_BF16_ROWS_H
 
+/* the lanes kernel's softmax helpers that this file does not use stay unused here */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
 #include "fa_fwd_avx512_lanes.h"
+#pragma GCC diagnostic pop
 
 #define FA_ROWS_BN 256                 /* keys per block */
 #define FA_ROWS_SLD (FA_ROWS_BN + 16)  /* S row stride in floats: rows 1 KiB apart would share sets */
@@ -42,6 +46,66 @@ INL uint16_t *p_row(const fa_rows *w, int64_t r, int64_t kc)
 INL __mmask16 tail16(int64_t n)
 {
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+/* 2^t as exp2_clamped of fa_fwd_avx512_lanes.h, bit for bit, with n = round(t) taken by adding
+ * and subtracting 1.5 * 2^23 (exact and round-to-nearest-even for |t| <= 2^22, which the clamp
+ * at -200 and t <= ~0 guarantee; +inf and NaN give NaN as there) instead of vrndscaleps, which
+ * is two uops on port 0 next to vscalefps. */
+INL __m512 exp2_rows(__m512 t)
+{
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    t = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);
+    __m512 n = _mm512_sub_ps(_mm512_add_ps(t, magic), magic);
+    __m512 r = _mm512_sub_ps(t, n);
+    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* n floats times mul to bfloat16, rounded to nearest even with NaN kept quiet: fa_f32_to_bf16
+ * of fa_cvt.h, 16 lanes at a time (vcvtneps2bf16 would flush denormals). */
+static void store_row_bf16(const float *src, float mul, int64_t n, uint16_t *dst)
+{
+    const __m512 m = _mm512_set1_ps(mul);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 t = tail16(n - i);
+        __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, src + i), m));
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                       _mm512_set1_epi32(0x7f800000));
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i rnd = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        rnd = _mm512_mask_or_epi32(rnd, nan, u, _mm512_set1_epi32(0x400000));
+        _mm256_mask_storeu_epi16(dst + i, t, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rnd, 16)));
+    }
+}
+
+/* finish_row of fa_fwd_avx512_lanes.h (the same outputs) with the bf16 store vectorized; the NPU
+ * statistics and other output dtypes go through finish_row itself. */
+static void finish_row_rows(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t i,
+                            const fa_lanes *w, int64_t r, float *row, float drop_scale)
+{
+    if (fa_out_dtype(p) != FA_BF16 || p->rowmax) {
+        finish_row(p, s, h, i, w, r, row, drop_scale);
+        return;
+    }
+    uint16_t *dst = (uint16_t *)p->o + (s->q_batch * p->o_sb + (s->q_row0 + i) * p->o_sr + h * p->o_sh);
+    const int empty = w->l[r] == 0; /* a NaN sum (NaN input) propagates */
+    const int invalid = p->invalid_line_zero && w->m[r] == (float)p->mask_fill;
+    if (empty || invalid)
+        memset(dst, 0, (size_t)p->d * 2);
+    else
+        store_row_bf16(row, drop_scale / w->l[r], p->d, dst);
+    if (p->lse) {
+        const int64_t srow = p->cu_q ? s->q_row0 + i : i, sbat = p->cu_q ? 0 : s->bi;
+        ((float *)p->lse)[sbat * p->lse_sb + h * p->lse_sh + srow * p->lse_sr] =
+            empty ? INFINITY : w->m[r] + (float)log((double)w->l[r]);
+    }
 }
 
 /* Turns S[0..nr)[0..nc) into final scores in place: pse, scale, softcap, alibi, band (-inf
@@ -137,8 +201,8 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
             const __mmask16 t0 = tail16(nc - j), t1 = tail16(nc - j - 16);
             const __m512 x0 = _mm512_maskz_loadu_ps(t0, x + j), x1 = _mm512_maskz_loadu_ps(t1, x + j + 16);
             /* (x sx - mu) with one rounding, then to base 2 */
-            __m512 e0 = exp2_clamped(_mm512_mul_ps(_mm512_fmadd_ps(x0, vsx, nmu), l2e));
-            __m512 e1 = exp2_clamped(_mm512_mul_ps(_mm512_fmadd_ps(x1, vsx, nmu), l2e));
+            __m512 e0 = exp2_rows(_mm512_mul_ps(_mm512_fmadd_ps(x0, vsx, nmu), l2e));
+            __m512 e1 = exp2_rows(_mm512_mul_ps(_mm512_fmadd_ps(x1, vsx, nmu), l2e));
             if (j + 32 > nc) { /* keys past the block: P = 0 */
                 e0 = _mm512_maskz_mov_ps(t0, e0);
                 e1 = _mm512_maskz_mov_ps(t1, e1);
