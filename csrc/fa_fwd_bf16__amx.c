@@ -308,7 +308,10 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
             /* Keys of the block past this sub-block's last visible key (causal diagonal) are
              * masked for all its rows: leave them out instead. */
             const int64_t ncs = smax[sb] - kb0 < nc ? smax[sb] - kb0 : nc;
-            const int plain = block_band(&band, nr, kb0, ncs) && !featured;
+            /* a band edge inside the block is masked by the softmax itself; only the features
+             * (and a scale that is not positive) need the scores rewritten first */
+            block_band(&band, nr, kb0, ncs);
+            const int plain = !featured;
             amx_qk(Kb, w.Q + sb * NQG * nd * 512, nd, kb0, ncs, ngroups, v.S);
             if (!plain)
                 rows_scores(p, &s, h, qs, nr, kb0, ncs, &v);

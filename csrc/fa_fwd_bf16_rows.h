@@ -48,6 +48,12 @@ INL __mmask16 tail16(int64_t n)
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
+/* Lanes of columns j..j+15 inside [c0, c1). */
+INL __mmask16 band16(int64_t j, int64_t c0, int64_t c1)
+{
+    return (__mmask16)(tail16(c1 - j) & ~tail16(c0 - j));
+}
+
 /* 2^t as exp2_clamped of fa_fwd_avx512_lanes.h, bit for bit, with n = round(t) taken by adding
  * and subtracting 1.5 * 2^23 (exact and round-to-nearest-even for |t| <= 2^22, which the clamp
  * at -200 and t <= ~0 guarantee; +inf and NaN give NaN as there) instead of vrndscaleps, which
@@ -164,15 +170,22 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
 {
     const int64_t nkc = (nc + 31) / 32;
     for (int64_t r = 0; r < nr; r++) {
+        /* only the row's visible columns [c0, c1): the band of a block that is otherwise plain
+         * costs no extra pass */
         const float *x = w->S + r * FA_ROWS_SLD;
+        const int64_t c0 = w->c0[r], c1 = w->c1[r];
         __m512 a = _mm512_set1_ps(-INFINITY), b = a;
-        int64_t j = 0;
-        for (; j + 32 <= nc; j += 32) {
+        int64_t j = c0 & ~(int64_t)15;
+        if (j < c0) {
+            a = _mm512_mask_max_ps(a, band16(j, c0, c1), _mm512_loadu_ps(x + j), a);
+            j += 16;
+        }
+        for (; j + 32 <= c1; j += 32) {
             a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);
             b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
         }
-        for (; j < nc; j += 16)
-            a = _mm512_mask_max_ps(a, tail16(nc - j), _mm512_loadu_ps(x + j), a);
+        for (; j < c1; j += 16)
+            a = _mm512_mask_max_ps(a, tail16(c1 - j), _mm512_loadu_ps(x + j), a);
         w->rmax[r] = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
     }
     for (int64_t r = nr; r < ngroups * 16; r++)
@@ -195,15 +208,16 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
     for (int64_t r = 0; r < nr; r++) {
         const float *x = w->S + r * FA_ROWS_SLD;
         const __m512 nmu = _mm512_set1_ps(-w->mu[r]);
+        const int64_t c0 = w->c0[r], c1 = w->c1[r];
         __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
         for (int64_t kc = 0; kc < nkc; kc++) {
             const int64_t j = kc * 32;
-            const __mmask16 t0 = tail16(nc - j), t1 = tail16(nc - j - 16);
+            const __mmask16 t0 = band16(j, c0, c1), t1 = band16(j + 16, c0, c1);
             const __m512 x0 = _mm512_maskz_loadu_ps(t0, x + j), x1 = _mm512_maskz_loadu_ps(t1, x + j + 16);
             /* (x sx - mu) with one rounding, then to base 2 */
             __m512 e0 = exp2_rows(_mm512_mul_ps(_mm512_fmadd_ps(x0, vsx, nmu), l2e));
             __m512 e1 = exp2_rows(_mm512_mul_ps(_mm512_fmadd_ps(x1, vsx, nmu), l2e));
-            if (j + 32 > nc) { /* keys past the block: P = 0 */
+            if (j < c0 || j + 32 > c1) { /* columns outside the band or past the block: P = 0 */
                 e0 = _mm512_maskz_mov_ps(t0, e0);
                 e1 = _mm512_maskz_mov_ps(t1, e1);
             }
