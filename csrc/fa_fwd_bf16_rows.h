@@ -9,10 +9,11 @@
  *
  * exp: exp2_rows, bit for bit exp2_clamped of fa_fwd_avx512_lanes.h (same accuracy), of
  * t = (x sx - m) log2 e, the bracket in one FMA (one rounding, where the lanes kernel rounds
- * x sx first). For blocks whose scores need only the scale (no band edge inside, no softcap,
- * alibi, pse or mask) sx is the scale and x the raw score, so no pass rewrites S; the row max is
- * then taken on raw scores (scale > 0 keeps the order). Other blocks are first turned into final
- * scores in place (rows_scores) and sx = 1.
+ * x sx first). Only the columns [c0, c1) of a row's band enter its max and sum (P = 0
+ * elsewhere), so a band edge needs no extra pass. Without softcap, alibi, pse or mask, sx is the
+ * scale and x the raw score, so no pass rewrites S; the row max is then taken on raw scores
+ * (scale > 0 keeps the order). Otherwise the block is first turned into final scores in place
+ * (rows_scores) and sx = 1.
  * Included only by the AMX translation unit.
  */
 #ifndef FA_FWD_BF16_ROWS_H
@@ -163,9 +164,10 @@ static void rows_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int6
     }
 }
 
-/* Online softmax of rows [0, nr) over the block's nc keys: updates m, l, sets alpha and writes P
- * (bf16 A tiles, keys nc..round32(nc) and rows nr..ngroups*16 zero). `sx` multiplies the stored
- * values to give final scores: scale on raw scores (plain blocks, scale > 0), else 1. */
+/* Online softmax of rows [0, nr) over their visible columns [c0, c1) of the block: updates m, l,
+ * sets alpha and writes P (bf16 A tiles; columns outside the band up to round32(nc) and rows
+ * nr..ngroups*16 zero). `sx` multiplies the stored values to give final scores: the scale on
+ * raw scores (no features, scale > 0), else 1. */
 static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, float sx)
 {
     const int64_t nkc = (nc + 31) / 32;
