@@ -74,9 +74,22 @@ static int64_t item_cost(const fa_fwd_params *p, const fa_seq *s, int64_t q0, in
     return n * (hi > lo ? hi - lo : 0) + 1;
 }
 
+/* Decoding-shaped calls (at most FA_DECODE_ROWS queries per sequence) go to the ISA's decode
+ * kernel when it has one and the call uses nothing it leaves out (pse, explicit mask, dropout,
+ * S_dmask; f64 inputs): it streams K/V once per item instead of the prefill kernels' block
+ * machinery. Sequences of a varlen call are bounded by p->sq, which the binding sets to the
+ * longest. */
+static int decode_fits(const fa_fwd_params *p)
+{
+    return p->sq <= FA_DECODE_ROWS && p->dtype != FA_F64 && !p->pse && !p->mask &&
+           !(p->dropout_p > 0) && !p->s_dmask;
+}
+
 static const fa_fwd_kernel *kernel_for(const fa_fwd_params *p)
 {
     const fa_isa_table *t = fa_isa_current();
+    if (t->fwd_decode.item && decode_fits(p))
+        return &t->fwd_decode;
     return p->dtype == FA_F64                         ? &t->fwd_f64
            : p->dtype == FA_BF16 && t->fwd_bf16.item ? &t->fwd_bf16
                                                      : &t->fwd_f32;
