@@ -95,12 +95,19 @@ static const fa_fwd_kernel *kernel_for(const fa_fwd_params *p)
                                                      : &t->fwd_f32;
 }
 
-static int64_t count_items(const fa_fwd_params *p, int64_t br)
+/* Heads per work item's head loop: all of them in one item, or one item per head. */
+static int64_t item_heads(const fa_fwd_params *p, const fa_fwd_kernel *k)
 {
+    return k->all_heads ? 1 : p->h;
+}
+
+static int64_t count_items(const fa_fwd_params *p, const fa_fwd_kernel *k)
+{
+    const int64_t br = k->block_rows;
     int64_t n = 0;
     for (int64_t bi = 0; bi < p->b; bi++) {
         fa_seq s = fa_seq_of(p, bi);
-        n += (s.sq + br - 1) / br * p->h;
+        n += (s.sq + br - 1) / br * item_heads(p, k);
     }
     return n;
 }
@@ -115,7 +122,7 @@ static fa_status run_items(const fa_fwd_params *ps, int64_t nsplit)
         return FA_ERR_ISA;
     const int64_t br = k->block_rows;
 
-    const int64_t n = count_items(p, br) * nsplit;
+    const int64_t n = count_items(p, k) * nsplit;
     if (n == 0)
         return FA_OK;
     fa_item *items = malloc((size_t)n * sizeof(fa_item));
@@ -128,7 +135,7 @@ static fa_status run_items(const fa_fwd_params *ps, int64_t nsplit)
             for (int64_t q0 = 0; q0 < s.sq; q0 += br) {
                 int64_t rows = s.sq - q0 < br ? s.sq - q0 : br;
                 int64_t cost = item_cost(&ps[sp], &s, q0, rows);
-                for (int64_t h = 0; h < p->h; h++)
+                for (int64_t h = 0; h < item_heads(p, k); h++)
                     items[at++] = (fa_item){cost, bi, h, q0, 0, sp};
             }
         }
@@ -249,7 +256,7 @@ static int64_t split_count(const fa_fwd_params *p)
     if (ns <= 0) {
         /* Automatic splits are for decoding-sized queries (one query block per sequence), where
          * the key range is the only parallelism left. */
-        const int64_t n = k->item ? count_items(p, k->block_rows) : 0;
+        const int64_t n = k->item ? count_items(p, k) : 0;
         if (n == 0 || n >= FA_SPLIT_TARGET_ITEMS || p->sq > k->block_rows)
             return 1;
         ns = (FA_SPLIT_TARGET_ITEMS + n - 1) / n;

@@ -36,6 +36,9 @@ typedef struct {
     int block_rows;
     fa_pack_bytes_fn pack_bytes; /* NULL: no packing */
     fa_pack_fn pack;
+    /* 1: one item covers every head of its query rows (the driver passes h = 0), so the kernel
+     * can walk the kv heads of each key together, reading K/V rows in memory order. */
+    int all_heads;
 } fa_fwd_kernel;
 
 typedef struct {
