@@ -20,9 +20,9 @@
  * Float32 arithmetic throughout; bf16 and f16 widen exactly. A head's row count is padded to 1, 2,
  * 4, 8 or 16 so each count compiles to its own register allocation.
  * fa_driver.c routes here only calls this kernel supports (decode_fits): at most FA_DECODE_ROWS
- * queries per sequence, no pse, explicit mask, dropout or S_dmask. Everything else of
- * fa_fwd_params is honoured: bands (causal/window, bottom-right anchored, prefix), softcap, alibi,
- * sink, kvcache addressing (paged, seqlen_k, leftpad, cache_batch_idx), varlen, split-KV partials
+ * queries per sequence, no S_dmask. Everything else of fa_fwd_params is honoured: bands
+ * (causal/window, bottom-right anchored, prefix), softcap, alibi, pse, explicit mask, dropout, sink,
+ * kvcache addressing (paged, seqlen_k, leftpad, cache_batch_idx), varlen, split-KV partials
  * (kclip, out_acc), lse and the NPU statistics.
  */
 #include <float.h>
@@ -32,6 +32,7 @@
 
 #include "fa_cvt.h"
 #include "fa_kernels.h"
+#include "fa_philox.h"
 #include "fa_seq.h"
 
 #define FA_ACC float
@@ -40,9 +41,6 @@
 #include "fa_vec.h" /* vexp_nonpos, vtanh: the same float32 exp/tanh as the other kernels */
 
 #define NR_MAX FA_DECODE_ROWS /* query rows per item and head */
-#ifndef FA_DECODE_PF
-#define FA_DECODE_PF 1
-#endif
 #define BK 64                 /* keys per block */
 #define SLOTS 32              /* (head, row) pairs whose scores one pass over a key block makes */
 #define DPAD(d) (((d) + 15) / 16 * 16)
@@ -231,8 +229,39 @@ INL void pv_block(const int dt, const int nr, const float *P, float *O, int64_t 
     }
 }
 
-/* Turns one row's raw dot products S of the block (keys kb0 .. kb0 + nc) into probabilities in
- * place and updates the row's running max *m, sum *l and output O (dp floats): the online
+/* S[c] += pse of query i of head h and key kb0 + c, for c in [c0, c1) (NPU additive bias). */
+static void add_pse(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t i, int64_t kb0,
+                    int64_t c0, int64_t c1, float *S)
+{
+    const int64_t base = s->q_batch * p->pse_sb + h * p->pse_sh + i * p->pse_sr;
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t at = base + (kb0 + c) * p->pse_sc;
+        S[c] += p->pse_dtype == FA_F32    ? ((const float *)p->pse)[at]
+                : p->pse_dtype == FA_F64  ? (float)((const double *)p->pse)[at]
+                : p->pse_dtype == FA_BF16 ? fa_bf16_to_f32(((const uint16_t *)p->pse)[at])
+                                          : (float)((const _Float16 *)p->pse)[at];
+    }
+}
+
+/* Zeroes the dropped probabilities P[c], c in [c0, c1), of query i of head h (keys kb0 + c): the
+ * Philox stream of fa_philox.h, four keys per draw, as every kernel draws it. */
+static void drop_row(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t i, int64_t kb0,
+                     int64_t c0, int64_t c1, float *P)
+{
+    const uint64_t thr = fa_dropout_threshold(p->dropout_p), bh = (uint64_t)(s->bi * p->h + h);
+    const int64_t j0 = kb0 + c0, j1 = kb0 + c1;
+    for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
+        uint32_t r[4];
+        fa_dropout_draw4(p->seed, p->offset, bh, (uint64_t)i, (uint64_t)(j4 >> 2), r);
+        for (int t = 0; t < 4; t++)
+            if (j4 + t >= j0 && j4 + t < j1 && (uint64_t)r[t] < thr)
+                P[j4 + t - kb0] = 0;
+    }
+}
+
+/* Turns one row's raw dot products S of the block (keys kb0 .. kb0 + nc) into scores (pse,
+ * scale, softcap, alibi, band, explicit mask: the order of fa_fwd_impl.h), then probabilities in
+ * place (dropped ones zeroed), and updates the row's running max *m, sum *l and output O (dp floats): the online
  * softmax of fa_fwd_impl.h. Query i of head h sees keys [lo, hi); rows that see no key of the
  * block get P = 0. */
 static void row_softmax(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t i, int64_t lo,
@@ -255,8 +284,9 @@ static void row_softmax(const fa_fwd_params *p, const fa_seq *s, int64_t h, int6
         slope = p->alibi[s->bi * p->alibi_sb + h];
         diag = (float)(i + s->sk - s->sq - kb0); /* alibi distance is bottom-right aligned */
     }
+    if (p->pse && !p->pse_after_scale)
+        add_pse(p, s, h, i, kb0, c0, c1, S);
     const vec_t iota = viota(), ninf = vsplat(-INFINITY);
-    vec_t vm = ninf;
     for (int64_t c = 0; c < ncp; c += 16) {
         vec_t x = vload(S + c) * scale;
         if (softcap)
@@ -267,10 +297,20 @@ static void row_softmax(const fa_fwd_params *p, const fa_seq *s, int64_t h, int6
             dist = vsel(dist < 0.0f, -dist, dist);
             x = x - slope * dist;
         }
-        x = vsel((col >= (float)c0) & (col < (float)c1), x, ninf);
-        vstore(S + c, x);
-        vm = vmax(vm, x);
+        vstore(S + c, vsel((col >= (float)c0) & (col < (float)c1), x, ninf));
     }
+    if (p->pse && p->pse_after_scale)
+        add_pse(p, s, h, i, kb0, c0, c1, S);
+    if (p->mask) {
+        const float fill = (float)p->mask_fill;
+        const uint8_t *mrow = p->mask + s->q_batch * p->mask_sb + h * p->mask_sh + i * p->mask_sr;
+        for (int64_t c = c0; c < c1; c++)
+            if (mrow[(kb0 + c) * p->mask_sc])
+                S[c] = fill;
+    }
+    vec_t vm = ninf;
+    for (int64_t c = 0; c < ncp; c += 16)
+        vm = vmax(vm, vload(S + c));
     const float bm = vhmax(vm), m_old = *m;
     /* A NaN score (NaN input) must poison the row, not be skipped as "nothing visible". */
     const float m_new = (bm > m_old || bm != bm) ? bm : m_old;
@@ -288,6 +328,8 @@ static void row_softmax(const fa_fwd_params *p, const fa_seq *s, int64_t h, int6
     const float alpha = sexp_nonpos(m_old - m_new);
     *l = *l * alpha + vhsum(vs);
     *m = m_new;
+    if (p->dropout_p > 0) /* after the sum: the statistics are those of the undropped P */
+        drop_row(p, s, h, i, kb0, c0, c1, S);
     if (alpha != 1.0f) {
         const vec_t va = vsplat(alpha);
         for (int64_t k = 0; k < dp; k += 16)
@@ -295,8 +337,8 @@ static void row_softmax(const fa_fwd_params *p, const fa_seq *s, int64_t h, int6
     }
 }
 
-/* Writes query i of head h from its accumulator O (d floats), max m and sum l: out = O / l in
- * the output dtype, lse and the NPU statistics. A row that saw no key gives 0 and lse +inf;
+/* Writes query i of head h from its accumulator O (d floats), max m and sum l: out = O / l
+ * (/ (1 - p_drop)) in the output dtype, lse and the NPU statistics. A row that saw no key gives 0 and lse +inf;
  * invalid-line rows (NPU) give 0. */
 static void finish_row(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t i,
                        const float *O, float m, float l)
@@ -307,7 +349,8 @@ static void finish_row(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64
                 (s->q_batch * p->o_sb + (s->q_row0 + i) * p->o_sr + h * p->o_sh) * fa_dtype_size(ot);
     const int empty = l == 0; /* a NaN sum (NaN input) propagates */
     const int invalid = p->invalid_line_zero && m == (float)p->mask_fill;
-    const float mul = empty || invalid ? 0.0f : 1.0f / l;
+    const float drop_scale = p->dropout_p > 0 ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
+    const float mul = empty || invalid ? 0.0f : drop_scale / l;
     for (int64_t k = 0; k < d; k++) {
         const float x = empty || invalid ? 0.0f : O[k] * mul;
         if (ot == FA_F32)

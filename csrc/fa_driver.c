@@ -75,14 +75,12 @@ static int64_t item_cost(const fa_fwd_params *p, const fa_seq *s, int64_t q0, in
 }
 
 /* Decoding-shaped calls (at most FA_DECODE_ROWS queries per sequence) go to the ISA's decode
- * kernel when it has one and the call uses nothing it leaves out (pse, explicit mask, dropout,
- * S_dmask; f64 inputs): it streams K/V once per item instead of the prefill kernels' block
- * machinery. Sequences of a varlen call are bounded by p->sq, which the binding sets to the
- * longest. */
+ * kernel when it has one and the call uses nothing it leaves out (S_dmask, f64 inputs): it
+ * streams K/V once, in memory order, instead of the prefill kernels' block machinery. Sequences
+ * of a varlen call are bounded by p->sq, which the binding sets to the longest. */
 static int decode_fits(const fa_fwd_params *p)
 {
-    return p->sq <= FA_DECODE_ROWS && p->dtype != FA_F64 && !p->pse && !p->mask &&
-           !(p->dropout_p > 0) && !p->s_dmask;
+    return p->sq <= FA_DECODE_ROWS && p->dtype != FA_F64 && !p->s_dmask;
 }
 
 static const fa_fwd_kernel *kernel_for(const fa_fwd_params *p)

@@ -4,8 +4,9 @@ On AVX-512 and AMX these go to the decode kernel (csrc/fa_decode__avx512.c: at m
 per work item, key blocks of 64, scores reduced 16 keys at a time), so the grid straddles those
 sizes: sq = 1 and small sq, GQA groups of 1/3/4/8/16 folded query heads (and 24, past the kernel's
 rows, which keeps the old path), sk around 16 and 64 multiples, odd head dims, paged and strided
-caches, split-KV, each with causal/window/softcap/alibi. Checked against the float64 naive
-computation with flash-attn's rule (test_forward_isa.check).
+caches, split-KV, each with causal/window/softcap/alibi; pse, explicit masks, sink and dropout
+through the low-level funnel. Checked against the float64 naive computation with flash-attn's
+rule (test_forward_isa.check).
 """
 import zlib
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import flash_attn_c as fa
+from flash_attn_c import _core
 from test_forward_isa import DTYPES, check, naive
 
 SHAPES = [(1, 1), (1, 15), (1, 64), (1, 65), (1, 239), (2, 130), (3, 17), (5, 1000), (16, 200),
@@ -135,3 +137,53 @@ def test_decode_matches_across_threads_and_splits(isa):
     np.testing.assert_allclose(auto, one, rtol=1e-5, atol=1e-6)
     ref, _, _ = naive(q, kc, vc, scale=128 ** -0.5)
     assert np.max(np.abs(one - ref)) < 1e-5
+
+
+@pytest.mark.parametrize("dt", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("feat", ["pse_mask", "mask_flt", "sink", "dropout"])
+def test_decode_npu_features_and_dropout(isa, dt, feat):
+    """pse, explicit masks (-inf and -FLT_MAX fills, invalid-line mode, a fully masked row), sink
+    and dropout on decode-shaped calls, through the low-level funnel of the NPU front-ends."""
+    rng = np.random.default_rng(11)
+    b, sq, sk, h, hk, d = 2, 5, 150, 4, 2, 40
+    q = rng.standard_normal((b, sq, h, d)).astype(DTYPES[dt])
+    k = rng.standard_normal((b, sk, hk, d)).astype(DTYPES[dt])
+    v = rng.standard_normal((b, sk, hk, d)).astype(DTYPES[dt])
+    scale = d ** -0.5
+    extra, kw = {}, dict(scale=scale)
+    if feat == "pse_mask":
+        pse = rng.standard_normal((b, h, sq, sk)).astype(np.float32)
+        mask = (rng.random((b, 1, sq, sk)) < 0.3).astype(np.uint8)
+        mask[:, :, 2] = 1  # a fully masked row: output 0, lse +inf
+        extra = dict(pse=pse, mask=np.broadcast_to(mask, (b, h, sq, sk)))
+        kw.update(extra)
+    elif feat == "mask_flt":
+        mask = (rng.random((b, h, sq, sk)) < 0.5).astype(np.uint8)
+        mask[:, :, 3] = 1
+        fill = -np.finfo(np.float32).max
+        rmax, rsum = np.full((b, h, sq), np.nan, np.float32), np.full((b, h, sq), np.nan, np.float32)
+        extra = dict(mask=mask, mask_fill=fill, invalid_line_zero=True, rowmax=rmax, rowsum=rsum)
+        kw.update(mask=mask, mask_fill=fill)
+    elif feat == "sink":
+        extra = dict(sink=rng.standard_normal(h).astype(np.float32))
+        kw.update(extra)
+    elif feat == "dropout":
+        extra = dict(dropout_p=0.25, seed=77, offset=5)
+    out, lse, _ = _core.forward(q, k, v, scale=scale, out_shape=q.shape, lse_shape=(b, h, sq),
+                                **extra)
+    sd = None
+    if feat == "dropout":  # the keep mask, from the S_dmask path (which the prefill kernels run)
+        _, _, sd = _core.forward(q, k, v, scale=scale, out_shape=q.shape, lse_shape=(b, h, sq),
+                                 s_dmask_shape=(b, h, sq, sk), **extra)
+        kw["dropout_p"] = 0.25
+    if feat == "mask_flt":
+        assert np.all(np.asarray(out[:, 3], np.float64) == 0)
+        assert np.all(extra["rowsum"][:, :, 3] == np.finfo(np.float32).max)
+        assert np.all(np.isfinite(extra["rowmax"]))
+        ok = np.arange(sq) != 3
+        ref_o, _, _ = naive(q, k, v, **kw)
+        tol = 2 * np.max(np.abs(naive(q, k, v, work=np.float32, **kw)[0].astype(DTYPES[dt])
+                                - ref_o)) + {"f32": 3e-6, "f16": 2e-3, "bf16": 1.6e-2}[dt]
+        assert np.max(np.abs(np.asarray(out[:, ok], np.float64) - ref_o[:, ok])) <= tol
+        return
+    check((out, lse, sd), q, k, v, dt, **kw)
