@@ -74,20 +74,38 @@ static int64_t item_cost(const fa_fwd_params *p, const fa_seq *s, int64_t q0, in
     return n * (hi > lo ? hi - lo : 0) + 1;
 }
 
+/* Decoding-shaped calls (at most FA_DECODE_ROWS queries per sequence) go to the ISA's decode
+ * kernel when it has one and the call uses nothing it leaves out (S_dmask, f64 inputs): it
+ * streams K/V once, in memory order, instead of the prefill kernels' block machinery. Sequences
+ * of a varlen call are bounded by p->sq, which the binding sets to the longest. */
+static int decode_fits(const fa_fwd_params *p)
+{
+    return p->sq <= FA_DECODE_ROWS && p->dtype != FA_F64 && !p->s_dmask;
+}
+
 static const fa_fwd_kernel *kernel_for(const fa_fwd_params *p)
 {
     const fa_isa_table *t = fa_isa_current();
+    if (t->fwd_decode.item && decode_fits(p))
+        return &t->fwd_decode;
     return p->dtype == FA_F64                         ? &t->fwd_f64
            : p->dtype == FA_BF16 && t->fwd_bf16.item ? &t->fwd_bf16
                                                      : &t->fwd_f32;
 }
 
-static int64_t count_items(const fa_fwd_params *p, int64_t br)
+/* Heads per work item's head loop: all of them in one item, or one item per head. */
+static int64_t item_heads(const fa_fwd_params *p, const fa_fwd_kernel *k)
 {
+    return k->all_heads ? 1 : p->h;
+}
+
+static int64_t count_items(const fa_fwd_params *p, const fa_fwd_kernel *k)
+{
+    const int64_t br = k->block_rows;
     int64_t n = 0;
     for (int64_t bi = 0; bi < p->b; bi++) {
         fa_seq s = fa_seq_of(p, bi);
-        n += (s.sq + br - 1) / br * p->h;
+        n += (s.sq + br - 1) / br * item_heads(p, k);
     }
     return n;
 }
@@ -102,7 +120,7 @@ static fa_status run_items(const fa_fwd_params *ps, int64_t nsplit)
         return FA_ERR_ISA;
     const int64_t br = k->block_rows;
 
-    const int64_t n = count_items(p, br) * nsplit;
+    const int64_t n = count_items(p, k) * nsplit;
     if (n == 0)
         return FA_OK;
     fa_item *items = malloc((size_t)n * sizeof(fa_item));
@@ -115,7 +133,7 @@ static fa_status run_items(const fa_fwd_params *ps, int64_t nsplit)
             for (int64_t q0 = 0; q0 < s.sq; q0 += br) {
                 int64_t rows = s.sq - q0 < br ? s.sq - q0 : br;
                 int64_t cost = item_cost(&ps[sp], &s, q0, rows);
-                for (int64_t h = 0; h < p->h; h++)
+                for (int64_t h = 0; h < item_heads(p, k); h++)
                     items[at++] = (fa_item){cost, bi, h, q0, 0, sp};
             }
         }
@@ -236,7 +254,7 @@ static int64_t split_count(const fa_fwd_params *p)
     if (ns <= 0) {
         /* Automatic splits are for decoding-sized queries (one query block per sequence), where
          * the key range is the only parallelism left. */
-        const int64_t n = k->item ? count_items(p, k->block_rows) : 0;
+        const int64_t n = k->item ? count_items(p, k) : 0;
         if (n == 0 || n >= FA_SPLIT_TARGET_ITEMS || p->sq > k->block_rows)
             return 1;
         ns = (FA_SPLIT_TARGET_ITEMS + n - 1) / n;

@@ -14,6 +14,9 @@
 /* Query rows per work item of the AVX-512 float32 kernel: four 64-row sub-blocks share each K/V
  * block fetched, which quarters the K/V traffic per flop. */
 #define FA_FWD_F32_AVX512_ROWS 256
+/* Query rows per work item of the decode kernel (fa_decode__avx512.c): calls whose sequences have
+ * at most this many queries (decoding, GQA-folded decoding, short speculative steps). */
+#define FA_DECODE_ROWS 16
 
 /* Computes one work item: up to the kernel's block_rows query rows starting at q0 of (batch bi,
  * head h). packed is the kernel's own copy of this (batch, kv head)'s K and V made by `pack`, or
@@ -33,6 +36,9 @@ typedef struct {
     int block_rows;
     fa_pack_bytes_fn pack_bytes; /* NULL: no packing */
     fa_pack_fn pack;
+    /* 1: one item covers every head of its query rows (the driver passes h = 0), so the kernel
+     * can walk the kv heads of each key together, reading K/V rows in memory order. */
+    int all_heads;
 } fa_fwd_kernel;
 
 typedef struct {
@@ -40,6 +46,7 @@ typedef struct {
     fa_fwd_kernel fwd_f32;  /* f32, f16 inputs, and bf16 where fwd_bf16 is empty */
     fa_fwd_kernel fwd_f64;  /* f64 inputs */
     fa_fwd_kernel fwd_bf16; /* bf16 inputs (AMX); empty: fwd_f32 serves them */
+    fa_fwd_kernel fwd_decode; /* few query rows, f32/f16/bf16 (fa_driver.c decides); may be empty */
 } fa_isa_table;
 
 #define FA_DECLARE_ISA(isa)                                                                        \
@@ -60,6 +67,9 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *, int64_t, int64_t, int64_t
 size_t fa_fwd_bf16__amx_scratch(const fa_fwd_params *);
 size_t fa_fwd_bf16__amx_pack_bytes(const fa_fwd_params *, int64_t);
 void fa_fwd_bf16__amx_pack(const fa_fwd_params *, int64_t, int64_t, void *);
+fa_status fa_decode__avx512_item(const fa_fwd_params *, int64_t, int64_t, int64_t, const void *,
+                                 void *);
+size_t fa_decode__avx512_scratch(const fa_fwd_params *);
 
 /* ---- dispatch (fa_dispatch.c) ---- */
 typedef enum { FA_ISA_SCALAR = 0, FA_ISA_AVX2 = 1, FA_ISA_AVX512 = 2, FA_ISA_AMX = 3, FA_ISA_COUNT } fa_isa;
