@@ -184,7 +184,7 @@ def test_grads(c, dname):
     check_case(c, dname)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "amx"])
 @pytest.mark.parametrize("dname", ["f32", "f64", "bf16", "f16"])
 @pytest.mark.parametrize("c", [CASES[1], CASES[4], CASES[9], CASES[11]], ids=case_id)
 def test_grads_every_isa(c, dname, isa):
