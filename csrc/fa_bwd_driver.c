@@ -17,8 +17,9 @@
  * on the thread count, which keeps the dQ summation order, and so the bits, fixed. Chunk c takes
  * key blocks c, c + nch, ..., which spreads a causal band's cost evenly over the chunks.
  *
- * The kernel family follows the forward's selection (fa_isa_selected); a family without a backward
- * build (AMX for now) uses the best one below it.
+ * The kernel family follows the forward's selection (fa_isa_selected). bf16 inputs on AMX take the
+ * tile kernel (fa_bwd_bf16__amx.c, its own workspace layout); every other dtype on a family without
+ * a backward build of its own (AMX) uses the best one below it.
  */
 #define _GNU_SOURCE /* madvise */
 #include <stdlib.h>
@@ -36,7 +37,7 @@
 #define BWD_KERNEL(name)                                                                           \
     {name##_prep,    name##_packk,     name##_dkdv,                                               \
      name##_dq,      name##_scratch,   FA_BWD_BLOCK_ROWS,                                         \
-     FA_BWD_BLOCK_KEYS}
+     FA_BWD_BLOCK_KEYS, NULL}
 
 static const fa_bwd_kernel bwd_tables[FA_ISA_COUNT][2] = {
     [FA_ISA_SCALAR] = {BWD_KERNEL(fa_bwd_f32__scalar), BWD_KERNEL(fa_bwd_f64__scalar)},
@@ -44,9 +45,16 @@ static const fa_bwd_kernel bwd_tables[FA_ISA_COUNT][2] = {
     [FA_ISA_AVX512] = {BWD_KERNEL(fa_bwd_f32__avx512), BWD_KERNEL(fa_bwd_f64__avx512)},
 };
 
-static const fa_bwd_kernel *bwd_kernel(int f64)
+static const fa_bwd_kernel bwd_bf16_amx = {
+    fa_bwd_bf16__amx_prep, fa_bwd_bf16__amx_packk,   fa_bwd_bf16__amx_dkdv,
+    fa_bwd_bf16__amx_dq,   fa_bwd_bf16__amx_scratch, FA_BWD_AMX_ROWS,
+    FA_BWD_AMX_KEYS,       fa_bwd_bf16__amx_ws_sizes};
+
+static const fa_bwd_kernel *bwd_kernel(fa_dtype t)
 {
-    int isa = (int)fa_isa_selected();
+    int isa = (int)fa_isa_selected(), f64 = t == FA_F64;
+    if (isa == FA_ISA_AMX && t == FA_BF16)
+        return &bwd_bf16_amx;
     while (isa > 0 && !bwd_tables[isa][f64].dkdv)
         isa--;
     return &bwd_tables[isa][f64];
@@ -90,7 +98,7 @@ static int64_t pairs(const fa_fwd_params *p, const fa_seq *s, int64_t q0, int64_
 fa_status fa_bwd(const fa_bwd_params *p)
 {
     const fa_fwd_params *f = &p->f;
-    const fa_bwd_kernel *k = bwd_kernel(f->dtype == FA_F64);
+    const fa_bwd_kernel *k = bwd_kernel(f->dtype);
     const int64_t br = k->block_rows, bc = k->block_keys, G = f->h / f->hk;
     const size_t acc = f->dtype == FA_F64 ? 8 : 4;
 
@@ -113,19 +121,33 @@ fa_status fa_bwd(const fa_bwd_params *p)
     const int64_t dp = FA_BWD_DPAD(f->d);
     const int64_t qstride = rows + 8; /* >= rows + FA_MR - 1: the last block's padding rows */
     const int64_t krows = f->cu_k ? f->cu_k[f->b] : f->b * f->sk;
-    int64_t *kblk = malloc((size_t)(f->b + 1) * sizeof(int64_t));
-    int64_t blocks = 0;
+    int64_t *kblk = malloc((size_t)(2 * f->b + 1) * sizeof(int64_t)), *qblk = kblk + f->b;
+    int64_t blocks = 0, qblocks = 0;
     for (int64_t bi = 0; kblk && bi < f->b; bi++) {
+        fa_seq s = fa_seq_of(f, bi);
         kblk[bi] = blocks;
-        blocks += (fa_seq_of(f, bi).sk + bc - 1) / bc;
+        blocks += (s.sk + bc - 1) / bc;
+        qblk[bi] = qblocks;
+        qblocks += (s.sq + br - 1) / br;
     }
+    fa_bwd_ws ws;
+    ws.rows = rows, ws.qstride = qstride, ws.krows = krows, ws.blocks = blocks, ws.dpad = dp;
+    ws.nch = nch, ws.qblocks = qblocks;
+    ws.kblk = kblk, ws.qblk = qblk;
     const size_t n_stat = (size_t)(rows * f->h), n_q = (size_t)(f->h * qstride * dp),
                  n_kt = (size_t)(f->hk * blocks * f->d * bc), n_kr = (size_t)(f->hk * krows * dp);
+    size_t sz[6] = {n_q * acc, n_q * acc, n_kt * acc, n_kt * acc, n_kr * acc, nch * n_q * acc};
+    if (k->ws_sizes)
+        k->ws_sizes(p, &ws, sz);
     bwd_item *qi = malloc((size_t)(nq + nk + npk) * sizeof(bwd_item));
     /* The workspace is large (tens of MB) and new on every call: 2 MB pages, where the OS allows
-     * them on request, cut its first-touch page faults and TLB misses by 512x. */
+     * them on request, cut its first-touch page faults and TLB misses by 512x. Every array starts
+     * on a cache line. */
     const size_t huge = (size_t)2 << 20;
-    size_t ws_bytes = ((3 * n_stat + (2 + nch) * n_q + 2 * n_kt + n_kr) * acc + huge) / huge * huge;
+    size_t ws_bytes = 3 * ((n_stat * acc + 63) / 64 * 64);
+    for (int i = 0; i < 6; i++)
+        ws_bytes += (sz[i] + 63) / 64 * 64;
+    ws_bytes = (ws_bytes + huge) / huge * huge;
     char *wsbuf = aligned_alloc(huge, ws_bytes);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     if (wsbuf)
@@ -137,22 +159,14 @@ fa_status fa_bwd(const fa_bwd_params *p)
         free(kblk);
         return FA_ERR_NOMEM;
     }
-    fa_bwd_ws ws;
     char *at = wsbuf;
-    ws.D = at, at += n_stat * acc;
-    ws.m = at, at += n_stat * acc;
-    ws.il = at, at += n_stat * acc;
-    ws.Q = at, at += n_q * acc;
-    ws.dO = at, at += n_q * acc;
-    ws.Kt = at, at += n_kt * acc;
-    ws.Vt = at, at += n_kt * acc;
-    ws.Kr = at, at += n_kr * acc;
-    ws.dQp = at;
-    ws.rows = rows, ws.qstride = qstride, ws.krows = krows, ws.blocks = blocks, ws.dpad = dp;
-    ws.nch = nch;
-    ws.kblk = kblk;
+    void **arrays[9] = {&ws.D, &ws.m, &ws.il, &ws.Q, &ws.dO, &ws.Kt, &ws.Vt, &ws.Kr, &ws.dQp};
+    for (int i = 0; i < 9; i++) {
+        *arrays[i] = at;
+        at += ((i < 3 ? n_stat * acc : sz[i - 3]) + 63) / 64 * 64;
+    }
     /* Rows past the last query row are read as block padding: make them zeros, not garbage. */
-    for (int64_t h = 0; h < f->h; h++) {
+    for (int64_t h = 0; !k->ws_sizes && h < f->h; h++) {
         memset((char *)ws.Q + (size_t)((h * qstride + rows) * dp) * acc, 0, (size_t)((qstride - rows) * dp) * acc);
         memset((char *)ws.dO + (size_t)((h * qstride + rows) * dp) * acc, 0, (size_t)((qstride - rows) * dp) * acc);
     }

@@ -81,12 +81,16 @@ fa_status fa_bwd(const fa_bwd_params *p);
  *   dQp       [nch][h][qstride][dpad]: dQ partial sums, chunk c holding the contributions of key
  *             blocks c, c + nch, c + 2 nch, ... (zeroed and filled by the chunk's dkdv items)
  * A query row's index is its packed row (varlen) or batch * sq + row; a key's is cu_k[batch] + key
- * or batch * sk + key; sequence bi's key blocks start at kblk[bi]. */
+ * or batch * sk + key; sequence bi's key blocks start at kblk[bi], its query blocks (of the
+ * kernel's block_rows) at qblk[bi], qblocks in all.
+ * A kernel with its own layout for Q, dO, Kt, Vt, Kr, dQp (ws_sizes set: the AMX bf16 kernel)
+ * gets those six arrays with the sizes it asks for and defines their contents itself; D, m, il
+ * are common. */
 typedef struct {
     void *D, *m, *il;
     void *Q, *dO, *Kt, *Vt, *Kr, *dQp;
-    int64_t rows, qstride, krows, blocks, dpad, nch;
-    const int64_t *kblk;
+    int64_t rows, qstride, krows, blocks, dpad, nch, qblocks;
+    const int64_t *kblk, *qblk;
 } fa_bwd_ws;
 
 typedef void (*fa_bwd_prep_fn)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
@@ -105,6 +109,9 @@ typedef struct {
     fa_bwd_dq_fn dq;       /* rows [q0, q0 + block_rows) of (bi, h): sum of the dQ partials */
     size_t (*scratch_bytes)(const fa_bwd_params *p);
     int block_rows, block_keys;
+    /* NULL: the layout above; else the bytes of Q, dO, Kt, Vt, Kr, dQp (in that order) for ws's
+     * geometry, in the kernel's own layout. */
+    void (*ws_sizes)(const fa_bwd_params *p, const fa_bwd_ws *ws, size_t bytes[6]);
 } fa_bwd_kernel;
 
 #define FA_BWD_DECLARE(name)                                                                       \
@@ -123,6 +130,11 @@ FA_BWD_DECLARE(fa_bwd_f32__avx2)
 FA_BWD_DECLARE(fa_bwd_f64__avx2)
 FA_BWD_DECLARE(fa_bwd_f32__avx512)
 FA_BWD_DECLARE(fa_bwd_f64__avx512)
+FA_BWD_DECLARE(fa_bwd_bf16__amx)
+void fa_bwd_bf16__amx_ws_sizes(const fa_bwd_params *, const fa_bwd_ws *, size_t[6]);
+/* Query rows and keys per block of the AMX bf16 kernel. */
+#define FA_BWD_AMX_ROWS 64
+#define FA_BWD_AMX_KEYS 64
 
 /* Query rows and keys per block, shared by every build so the driver can split work. */
 #define FA_BWD_BLOCK_ROWS 64

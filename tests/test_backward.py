@@ -184,7 +184,7 @@ def test_grads(c, dname):
     check_case(c, dname)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "amx"])
 @pytest.mark.parametrize("dname", ["f32", "f64", "bf16", "f16"])
 @pytest.mark.parametrize("c", [CASES[1], CASES[4], CASES[9], CASES[11]], ids=case_id)
 def test_grads_every_isa(c, dname, isa):
@@ -210,6 +210,41 @@ def test_threads_bitwise_identical(c):
         results.append([out, *grads])
     for a, b in zip(*results):
         assert a.tobytes() == b.tobytes()
+
+
+# Shapes around the AMX bf16 kernel's 64 x 64 blocks and 32-wide tiles (fa_bwd_bf16__amx.c):
+# ragged last blocks on both sides, d not a multiple of 32 or of 16, several dQ chunks (few kv
+# heads), GQA groups, and every score feature.
+AMX_CASES = [
+    (1, 63, 65, 2, 1, 128, False, (-1, -1), 0.0, False, 0.0),
+    (1, 129, 191, 4, 2, 33, True, (-1, -1), 0.0, False, 0.0),
+    (2, 64, 64, 2, 2, 96, False, (-1, -1), 0.0, False, 0.1),
+    (1, 300, 97, 6, 2, 80, True, (20, 7), 12.0, True, 0.0),
+    (1, 97, 300, 3, 1, 17, False, (-1, 40), 0.0, True, 0.25),
+]
+
+
+@pytest.mark.parametrize("c", AMX_CASES, ids=case_id)
+def test_amx_bf16_blocks(c):
+    if "amx" not in ISAS:
+        pytest.skip(f"amx: not supported by this CPU or build ({fa.cpu_info()})")
+    with using_isa("amx"):
+        check_case(c, "bf16")
+
+
+def test_amx_bf16_runs_on_tiles_and_is_thread_independent():
+    """bf16 on amx takes the tile kernel (P and dS rounded to bf16, so it differs from the float32
+    FMA path's result) and, like every backward, gives the same bits for 1 and 2 threads."""
+    if "amx" not in ISAS:
+        pytest.skip(f"amx: not supported by this CPU or build ({fa.cpu_info()})")
+    c = (1, 150, 260, 4, 1, 64, True, (-1, -1), 0.0, False, 0.0)
+    results = []
+    for isa, threads in (("amx", 1), ("amx", 2), ("avx512", 2)):
+        with using_isa(isa), using_threads(threads):
+            _, out, grads, _ = run_case(c, DTYPES["bf16"], seed=3)
+        results.append([np.asarray(g).tobytes() for g in grads])
+    assert results[0] == results[1]
+    assert results[1] != results[2]
 
 
 def test_reference_matches_finite_differences():

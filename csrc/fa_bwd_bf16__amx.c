@@ -1,0 +1,364 @@
+/* fa_bwd_bf16__amx.c: the FlashAttention-2 backward (fa_bwd_params.h, Dao 2023 Alg. 2) for
+ * bfloat16 inputs on AMX: the five block GEMMs on tdpbf16ps tiles with float32 accumulation, the
+ * per-element work (P, dS, masks, dropout replay, softcap, alibi) in AVX-512 float32 through the
+ * shared bw_row (fa_bwd_rows.h). Same phases, items and dQ partial-sum scheme as the FMA kernels
+ * (fa_bwd_impl.h), so results are bitwise identical for any thread count.
+ *
+ * Per (query block of AR rows, key block of AK keys), tiles 16 rows x 64 bytes, 2x2 C tiles per
+ * step (4 C + 2 A + 2 B tile registers):
+ *   S   [AR x AK]  = Q . K^T             A = Q rows (bf16, row-major), B = K in VNNI pairs over d
+ *   dP  [AR x AK]  = dO . V^T            A = dO rows, B = V in VNNI pairs over d
+ *   bw_row: S -> P z r, dP -> dX (fp32), then P and dX rounded to bf16 in VNNI pairs over query
+ *        rows (the B layout: two rows interleaved, no transpose) and dX also row-major
+ *   dV^T [d x AK] += dO^T . P            A = dO^T (d x 32-query tiles), B = P pairs
+ *   dK^T [d x AK] += Q^T . dX            A = Q^T, B = dX pairs
+ *   dQ  [AR x d]  += dX . K              A = dX rows (bf16), B = K in VNNI pairs over keys
+ * Computing dV^T and dK^T (rather than dV, dK) puts P and dX in the B slot, where the VNNI pair
+ * layout is two consecutive rows interleaved; dK/dV are transposed once per key block when stored.
+ *
+ * Workspace (own layout, fa_bwd_bf16__amx_ws_sizes; d32 = d rounded up to 32, padding zero):
+ *   Q, dO  [h][qblocks] blocks of AR rows: rows [AR][d32], then transposed [AR/32][d32][32]
+ *          (each 16-dim x 32-query A tile a contiguous 1 KiB)
+ *   Kt, Vt [hk][blocks] K, V in VNNI pairs over d: [d32/2][AK][2]
+ *   Kr     [hk][blocks] K in VNNI pairs over keys: [AK/2][d32][2]
+ *   dQp    float [nch][h][qblocks][AR][d32]: dQ partial sums per chunk (as fa_bwd_impl.h)
+ * Half the bytes of the float32 kernels' Q, dO copies for the two bf16 layouts together, and K/V
+ * as bf16.
+ * Numerics: Q.K and dO.V products are exact in fp32; P and dS enter their GEMMs rounded to bf16 (as
+ * flash-attn does on GPUs); accumulation is fp32 (dK/dV in the item's scratch across the query
+ * blocks, dQ in the partial sums across the chunk's key blocks); each gradient is rounded to bf16
+ * once. The bf16 rounding of P, dS and of the result dominates the fp32 summation error.
+ */
+#include <immintrin.h>
+
+#define FA_ACC float
+#define FA_ACC_IS_DOUBLE 0
+#define FA_VBYTES 64
+#include "fa_bwd_rows.h"
+
+#define AR FA_BWD_AMX_ROWS
+#define AK FA_BWD_AMX_KEYS
+#define D32(d) (((d) + 31) / 32 * 32)
+#define PIECE(bytes) ((((size_t)(bytes)) + 63) / 64 * 64)
+#define INL static inline __attribute__((always_inline))
+
+_Static_assert(AR % 32 == 0 && AK % 32 == 0, "blocks are whole 2x2 tile steps");
+
+/* ---- workspace ---------------------------------------------------------------------------------- */
+
+void fa_bwd_bf16__amx_ws_sizes(const fa_bwd_params *p, const fa_bwd_ws *ws, size_t bytes[6])
+{
+    const size_t d32 = (size_t)D32(p->f.d);
+    const size_t qb = (size_t)(p->f.h * ws->qblocks), kb = (size_t)(p->f.hk * ws->blocks);
+    bytes[0] = bytes[1] = qb * 2 * AR * d32 * 2;
+    bytes[2] = bytes[3] = bytes[4] = kb * AK * d32 * 2;
+    bytes[5] = (size_t)ws->nch * qb * AR * d32 * 4;
+}
+
+/* Query block q0 / AR of sequence bi, head h, in the Q or dO array: rows, then the transpose. */
+INL uint16_t *qblock(const fa_bwd_params *p, const fa_bwd_ws *ws, void *base, int64_t bi, int64_t h,
+                     int64_t q0)
+{
+    const int64_t d32 = D32(p->f.d);
+    return (uint16_t *)base + (h * ws->qblocks + ws->qblk[bi] + q0 / AR) * 2 * AR * d32;
+}
+
+/* Key block k0 / AK of sequence bi, kv head hk, in the Kt, Vt or Kr array. */
+INL uint16_t *kblock(const fa_bwd_params *p, const fa_bwd_ws *ws, void *base, int64_t bi, int64_t hk,
+                     int64_t k0)
+{
+    return (uint16_t *)base + (hk * ws->blocks + ws->kblk[bi] + k0 / AK) * AK * D32(p->f.d);
+}
+
+/* dQ partial sums of chunk c for query block q0 / AR of (bi, h). */
+INL float *dq_block(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t c, int64_t bi, int64_t h,
+                    int64_t q0)
+{
+    return (float *)ws->dQp +
+           ((c * p->f.h + h) * ws->qblocks + ws->qblk[bi] + q0 / AR) * AR * D32(p->f.d);
+}
+
+/* ---- scratch ------------------------------------------------------------------------------------ */
+
+typedef struct {
+    float *dKT, *dVT;         /* d32 x AK: dK^T, dV^T of the key block */
+    float *S, *dP;            /* AR x AK: scores -> P z r; dO V^T -> dX */
+    uint16_t *Pv, *dSv, *dSr; /* bf16: P and dX in query pairs [AR/2][AK][2]; dX rows [AR][AK] */
+    float *G, *Z, *stat;      /* AK, AK, 3 x AR (m, il, D) */
+    int64_t *lo, *hi;         /* AR: each row's band */
+} scratch;
+
+size_t fa_bwd_bf16__amx_scratch(const fa_bwd_params *p)
+{
+    const int64_t d32 = D32(p->f.d);
+    return 2 * PIECE(d32 * AK * 4) + 2 * PIECE(AR * AK * 4) + 3 * PIECE(AR * AK * 2) +
+           2 * PIECE(AK * 4) + PIECE(3 * AR * 4) + 2 * PIECE(AR * 8);
+}
+
+static scratch carve(void *buf, int64_t d)
+{
+    const int64_t d32 = D32(d);
+    char *q = (char *)buf;
+    scratch w;
+    w.dKT = (float *)q, q += PIECE(d32 * AK * 4);
+    w.dVT = (float *)q, q += PIECE(d32 * AK * 4);
+    w.S = (float *)q, q += PIECE(AR * AK * 4);
+    w.dP = (float *)q, q += PIECE(AR * AK * 4);
+    w.Pv = (uint16_t *)q, q += PIECE(AR * AK * 2);
+    w.dSv = (uint16_t *)q, q += PIECE(AR * AK * 2);
+    w.dSr = (uint16_t *)q, q += PIECE(AR * AK * 2);
+    w.G = (float *)q, q += PIECE(AK * 4);
+    w.Z = (float *)q, q += PIECE(AK * 4);
+    w.stat = (float *)q, q += PIECE(3 * AR * 4);
+    w.lo = (int64_t *)q, q += PIECE(AR * 8);
+    w.hi = (int64_t *)q;
+    return w;
+}
+
+/* ---- packing ------------------------------------------------------------------------------------ */
+
+/* Rows [q0, q0 + AR) of (bi, h): statistics (bw_row_stats), and Q, dO as bf16 rows and transposed
+ * tiles; rows past the sequence's end are zero. */
+void fa_bwd_bf16__amx_prep(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t h,
+                           int64_t q0, int64_t n)
+{
+    const fa_fwd_params *f = &p->f;
+    const fa_seq s = fa_seq_of(f, bi);
+    const int64_t d = f->d, d32 = D32(d);
+    uint16_t *Q = qblock(p, ws, ws->Q, bi, h, q0), *dO = qblock(p, ws, ws->dO, bi, h, q0);
+    memset(Q, 0, (size_t)(2 * AR * d32) * 2);
+    memset(dO, 0, (size_t)(2 * AR * d32) * 2);
+    float dor[512];
+    for (int64_t r = 0; r < AR && q0 + r < s.sq; r++) {
+        const int64_t i = q0 + r, pr = s.q_row0 + i;
+        const uint16_t *qs = (const uint16_t *)f->q.ptr + s.q_batch * f->q.sb + pr * f->q.sr + h * f->q.sh;
+        const uint16_t *ds = (const uint16_t *)p->dout.ptr + s.q_batch * p->dout.sb +
+                             pr * p->dout.sr + h * p->dout.sh;
+        uint16_t *qt = Q + AR * d32 + (r / 32) * d32 * 32 + r % 32;
+        uint16_t *dt = dO + AR * d32 + (r / 32) * d32 * 32 + r % 32;
+        for (int64_t k = 0; k < d; k++) {
+            Q[r * d32 + k] = qt[k * 32] = qs[k];
+            dO[r * d32 + k] = dt[k * 32] = ds[k];
+        }
+        bw_load(FA_BF16, ds, d, dor);
+        bw_row_stats(p, ws, &s, h, i, dor);
+    }
+}
+
+/* Keys [k0, k0 + AK) of (bi, hk): K and V in VNNI pairs over d, K in VNNI pairs over keys. */
+void fa_bwd_bf16__amx_packk(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t hk,
+                            int64_t k0)
+{
+    const fa_fwd_params *f = &p->f;
+    const fa_seq s = fa_seq_of(f, bi);
+    const int64_t d = f->d, d32 = D32(d), nc = s.sk - k0 < AK ? s.sk - k0 : AK;
+    uint16_t *Kd = kblock(p, ws, ws->Kt, bi, hk, k0), *Vd = kblock(p, ws, ws->Vt, bi, hk, k0);
+    uint16_t *Kk = kblock(p, ws, ws->Kr, bi, hk, k0);
+    memset(Kd, 0, (size_t)(AK * d32) * 2);
+    memset(Vd, 0, (size_t)(AK * d32) * 2);
+    memset(Kk, 0, (size_t)(AK * d32) * 2);
+    for (int64_t c = 0; c < nc; c++) {
+        const uint16_t *kr = (const uint16_t *)fa_key_ptr(f, &f->k, &s, k0 + c, hk, 2);
+        const uint16_t *vr = (const uint16_t *)fa_key_ptr(f, &f->v, &s, k0 + c, hk, 2);
+        for (int64_t k = 0; k < d; k++) {
+            Kd[((k / 2) * AK + c) * 2 + k % 2] = kr[k];
+            Vd[((k / 2) * AK + c) * 2 + k % 2] = vr[k];
+            Kk[((c / 2) * d32 + k) * 2 + c % 2] = kr[k];
+        }
+    }
+}
+
+/* ---- tiles -------------------------------------------------------------------------------------- */
+
+/* Palette 1, all eight tiles 16 rows x 64 bytes. */
+static void amx_configure(void)
+{
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* C (+)= A . B over mt x nt C tiles (both even) and ks k steps of 32 bf16 products each:
+ * A tile (m, k) at A + m*am + k*ak (stride ald bytes), B tile (k, n) at B + k*bk + n*bn (stride
+ * bld), C tile (m, n) at C + m*cm + n*cn (stride cld). 2x2 C tiles per step: tiles 0-3 C, 4-5 A,
+ * 6-7 B. With acc the C tiles start from C, else from zero. */
+INL void tile_gemm(int acc, int64_t mt, int64_t nt, int64_t ks, const uint16_t *A, int64_t am,
+                   int64_t ak, int64_t ald, const uint16_t *B, int64_t bk, int64_t bn, int64_t bld,
+                   float *C, int64_t cm, int64_t cn, int64_t cld)
+{
+    for (int64_t m = 0; m < mt; m += 2)
+        for (int64_t n = 0; n < nt; n += 2) {
+            float *c = C + m * cm + n * cn;
+            if (acc) {
+                _tile_loadd(0, c, cld);
+                _tile_loadd(1, c + cn, cld);
+                _tile_loadd(2, c + cm, cld);
+                _tile_loadd(3, c + cm + cn, cld);
+            } else {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+            }
+            for (int64_t k = 0; k < ks; k++) {
+                _tile_loadd(4, A + m * am + k * ak, ald);
+                _tile_loadd(5, A + (m + 1) * am + k * ak, ald);
+                _tile_loadd(6, B + k * bk + n * bn, bld);
+                _tile_loadd(7, B + k * bk + (n + 1) * bn, bld);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, c, cld);
+            _tile_stored(1, c + cn, cld);
+            _tile_stored(2, c + cm, cld);
+            _tile_stored(3, c + cm + cn, cld);
+        }
+}
+
+/* fp32 rows [AR][AK] -> bf16 B tiles in query pairs [AR/2][AK][2]: rows 2i and 2i + 1
+ * interleaved element by element. */
+static void pack_pairs(const float *X, uint16_t *dst)
+{
+    const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                           16, 0);
+    for (int64_t i = 0; i < AR / 2; i++)
+        for (int64_t c = 0; c < AK; c += 16) {
+            __m512 a = _mm512_load_ps(X + 2 * i * AK + c), b = _mm512_load_ps(X + (2 * i + 1) * AK + c);
+            __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* a in the low half */
+            _mm512_store_si512(dst + (i * AK + c) * 2, _mm512_permutexvar_epi16(inter, ab));
+        }
+}
+
+static void pack_rows(const float *X, uint16_t *dst)
+{
+    for (int64_t x = 0; x < AR * AK; x += 16)
+        _mm256_store_si256((__m256i *)(dst + x), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(X + x)));
+}
+
+/* ---- dK/dV (and dQ partials): one chunk of key blocks of one (batch, kv head) ------------------- */
+
+fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
+                                int64_t hk, int64_t chunk, void *buf)
+{
+    const fa_fwd_params *f = &p->f;
+    const fa_seq s = fa_seq_of(f, bi);
+    const int64_t d = f->d, d32 = D32(d), G = f->h / f->hk, nd = d32 / 16;
+    const uint64_t thr = fa_dropout_threshold(f->dropout_p);
+    scratch w = carve(buf, d);
+
+    /* This item alone owns its chunk's partial sums of the group's rows: start them at zero. */
+    const int64_t nqb = (s.sq + AR - 1) / AR;
+    for (int64_t g = 0; g < G && nqb > 0; g++)
+        memset(dq_block(p, ws, chunk, bi, hk * G + g, 0), 0, (size_t)(nqb * AR * d32) * 4);
+
+    amx_configure();
+    for (int64_t k0 = chunk * AK; k0 < s.sk; k0 += ws->nch * AK) {
+        const int64_t nc = s.sk - k0 < AK ? s.sk - k0 : AK;
+        const uint16_t *Kd = kblock(p, ws, ws->Kt, bi, hk, k0), *Vd = kblock(p, ws, ws->Vt, bi, hk, k0);
+        const uint16_t *Kk = kblock(p, ws, ws->Kr, bi, hk, k0);
+        memset(w.dKT, 0, (size_t)(d32 * AK) * 4);
+        memset(w.dVT, 0, (size_t)(d32 * AK) * 4);
+
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t h = hk * G + g;
+            for (int64_t q0 = 0; q0 < s.sq; q0 += AR) {
+                const int64_t nr = s.sq - q0 < AR ? s.sq - q0 : AR;
+                if (!bw_bands(p, &s, q0, nr, k0, k0 + nc, w.lo, w.hi))
+                    continue;
+                const uint16_t *Q = qblock(p, ws, ws->Q, bi, h, q0), *dO = qblock(p, ws, ws->dO, bi, h, q0);
+                const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
+                for (int64_t r = 0; r < nr; r++) {
+                    const int64_t at = bw_ws_at(p, ws, &s, h, q0 + r);
+                    w.stat[r] = ((const float *)ws->m)[at];
+                    w.stat[AR + r] = ((const float *)ws->il)[at];
+                    w.stat[2 * AR + r] = ((const float *)ws->D)[at];
+                }
+                /* S = Q K^T, dP = dO V^T */
+                tile_gemm(0, AR / 16, AK / 16, d32 / 32, Q, 16 * d32, 32, d32 * 2, Kd, 32 * AK, 32,
+                          AK * 4, w.S, 16 * AK, 16, AK * 4);
+                tile_gemm(0, AR / 16, AK / 16, d32 / 32, dO, 16 * d32, 32, d32 * 2, Vd, 32 * AK, 32,
+                          AK * 4, w.dP, 16 * AK, 16, AK * 4);
+                /* Rows past nr and keys past nc (zero padding) come out as P = 0, dX = 0. */
+                for (int64_t r = 0; r < nr; r++) {
+                    const int64_t c0 = (w.lo[r] > k0 ? w.lo[r] : k0) - k0;
+                    const int64_t c1 = (w.hi[r] < k0 + nc ? w.hi[r] : k0 + nc) - k0;
+                    bw_row(p, &s, h, q0 + r, k0, AK, c0, c1, w.stat[r], w.stat[AR + r],
+                           w.stat[2 * AR + r], w.S + r * AK, w.dP + r * AK, w.G, w.Z, thr);
+                }
+                memset(w.S + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
+                memset(w.dP + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
+                pack_pairs(w.S, w.Pv);
+                pack_pairs(w.dP, w.dSv);
+                pack_rows(w.dP, w.dSr);
+                /* dV^T += dO^T P, dK^T += Q^T dX */
+                tile_gemm(1, nd, AK / 16, AR / 32, dOT, 16 * 32, 32 * d32, 64, w.Pv, 32 * AK, 32,
+                          AK * 4, w.dVT, 16 * AK, 16, AK * 4);
+                tile_gemm(1, nd, AK / 16, AR / 32, QT, 16 * 32, 32 * d32, 64, w.dSv, 32 * AK, 32,
+                          AK * 4, w.dKT, 16 * AK, 16, AK * 4);
+                /* dQ += dX K into the chunk's partial sums */
+                tile_gemm(1, AR / 16, nd, AK / 32, w.dSr, 16 * AK, 32, AK * 2, Kk, 32 * d32, 32,
+                          d32 * 4, dq_block(p, ws, chunk, bi, h, q0), 16 * d32, 16, d32 * 4);
+                if (p->dpse) {
+                    float *dpse = (float *)p->dpse;
+                    for (int64_t r = 0; r < nr; r++) {
+                        float *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
+                        const float *x = w.dP + r * AK;
+                        for (int64_t c = 0; c < nc; c++)
+                            row[(k0 + c) * p->dpse_sc] += x[c];
+                    }
+                }
+            }
+        }
+
+        float *row = w.S; /* free now: one gradient row */
+        for (int64_t c = 0; c < nc; c++) {
+            const int64_t phys = s.k_row0 + k0 + c;
+            for (int64_t k = 0; k < d; k++)
+                row[k] = w.dKT[k * AK + c];
+            bw_store(FA_BF16, row, d,
+                     (uint16_t *)p->dk + s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh);
+            for (int64_t k = 0; k < d; k++)
+                row[k] = w.dVT[k * AK + c];
+            bw_store(FA_BF16, row, d,
+                     (uint16_t *)p->dv + s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh);
+        }
+    }
+    _tile_release();
+    return FA_OK;
+}
+
+/* ---- dQ: the chunks' partial sums of one query block of one (batch, head), in chunk order ------ */
+
+fa_status fa_bwd_bf16__amx_dq(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t h,
+                              int64_t q0, void *buf)
+{
+    const fa_fwd_params *f = &p->f;
+    const fa_seq s = fa_seq_of(f, bi);
+    const int64_t d = f->d, d32 = D32(d), nr = s.sq - q0 < AR ? s.sq - q0 : AR;
+    const int64_t part = f->h * ws->qblocks * AR * d32; /* floats per chunk */
+    const float *src = dq_block(p, ws, 0, bi, h, q0);
+    float *row = carve(buf, d).S;
+    for (int64_t r = 0; r < nr; r++) {
+        for (int64_t x = 0; x < d32; x += 16) {
+            __m512 a = _mm512_load_ps(src + r * d32 + x);
+            for (int64_t c = 1; c < ws->nch; c++)
+                a = _mm512_add_ps(a, _mm512_load_ps(src + c * part + r * d32 + x));
+            _mm512_store_ps(row + x, a);
+        }
+        const int64_t pr = s.q_row0 + q0 + r;
+        bw_store(FA_BF16, row, d, (uint16_t *)p->dq + s.q_batch * p->dq_sb + pr * p->dq_sr + h * p->dq_sh);
+    }
+    return FA_OK;
+}
