@@ -194,8 +194,12 @@ static void bw_gemm(int add, int64_t rows, int64_t cols, int64_t kn, const acc_t
 
 /* ---- scratch ------------------------------------------------------------------------------------ */
 
+/* Key blocks per group: the dkdv pass reads each query block's Q, dO and dQ partials once per group
+ * of this many key blocks of its chunk instead of once per key block (see dkdv). */
+#define KG 4
+
 typedef struct {
-    acc_t *dK, *dV; /* BC x dpad accumulators (dkdv pass) */
+    acc_t *dK, *dV; /* KG x BC x dpad accumulators (dkdv pass), one BC x dpad slab per block */
     acc_t *dQ;      /* BR x dpad accumulator (dq pass) */
     acc_t *S, *dP;  /* BR x BC: scores -> P z r; dO V^T -> dX */
     acc_t *G, *Z;   /* BC: per-row chain factor and dropout keep * r */
@@ -209,7 +213,7 @@ typedef struct {
 size_t FA_NAME(scratch)(const fa_bwd_params *p)
 {
     const int64_t dp = DPAD(p->f.d);
-    return 2 * PIECE(BC * dp) + PIECE(BR * dp) + 2 * PIECE(BR * BC) + 2 * PIECE(BC) +
+    return 2 * PIECE(KG * BC * dp) + PIECE(BR * dp) + 2 * PIECE(BR * BC) + 2 * PIECE(BC) +
            PIECE(3 * BR) + 2 * IPIECE(BR);
 }
 
@@ -219,8 +223,8 @@ static bw_scratch bw_carve(void *buf, int64_t d)
     char *q = (char *)buf;
     bw_scratch w;
 #define TAKE(field, n) (w.field = (acc_t *)q, q += PIECE(n))
-    TAKE(dK, BC * dp);
-    TAKE(dV, BC * dp);
+    TAKE(dK, KG * BC * dp);
+    TAKE(dV, KG * BC * dp);
     TAKE(dQ, BR * dp);
     TAKE(S, BR * BC);
     TAKE(dP, BR * BC);
@@ -435,15 +439,20 @@ static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i
     }
 }
 
-/* Band of each row of [q0, q0 + nr) into lo/hi; returns whether any row reaches [k0, k1). */
-static int bw_bands(const fa_bwd_params *p, const fa_seq *s, int64_t q0, int64_t nr, int64_t k0,
-                    int64_t k1, int64_t *lo, int64_t *hi)
+/* Band of each row of [q0, q0 + nr) into lo/hi. */
+static void bw_bands(const fa_bwd_params *p, const fa_seq *s, int64_t q0, int64_t nr, int64_t *lo,
+                     int64_t *hi)
+{
+    for (int64_t r = 0; r < nr; r++)
+        fa_row_band(&p->f, s, q0 + r, &lo[r], &hi[r]);
+}
+
+/* Whether any of the nr rows' bands reaches keys [k0, k1). */
+static int bw_reach(const int64_t *lo, const int64_t *hi, int64_t nr, int64_t k0, int64_t k1)
 {
     int any = 0;
-    for (int64_t r = 0; r < nr; r++) {
-        fa_row_band(&p->f, s, q0 + r, &lo[r], &hi[r]);
+    for (int64_t r = 0; r < nr; r++)
         any |= lo[r] < hi[r] && lo[r] < k1 && hi[r] > k0;
-    }
     return any;
 }
 
@@ -499,57 +508,79 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
         memset(dQp + (hk * G + g) * ws->qstride * dp + bw_qrow(p, &s, 0) * dp, 0,
                (size_t)(s.sq * dp) * sizeof(acc_t));
 
-    for (int64_t k0 = chunk * BC; k0 < s.sk; k0 += ws->nch * BC) {
-        const int64_t nc = s.sk - k0 < BC ? s.sk - k0 : BC;
-        const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
-        const acc_t *Kt = bw_kblock(p, ws, ws->Kt, bi, hk, k0), *Vt = bw_kblock(p, ws, ws->Vt, bi, hk, k0);
-        const acc_t *Kr = bw_krow(p, ws, bi, hk, k0);
-        memset(w.dK, 0, (size_t)(ncr * dp) * sizeof(acc_t));
-        memset(w.dV, 0, (size_t)(ncr * dp) * sizeof(acc_t));
+    /* The chunk's key blocks k0 = (chunk + t nch) BC go in groups of KG consecutive ones (in t).
+     * For each query block the group's blocks run back to back, so the query block's Q, dO and
+     * dQ partials (streamed from L3 when a head's rows exceed L2) are fetched once per group and
+     * reused from L1/L2, while the group's K/V blocks and dK/dV accumulators stay in L2. The
+     * summation order is the per-block one: each dK/dV block sums over (g, q0) in order and each
+     * dQ partial over the chunk's key blocks in order. */
+    const int64_t step = ws->nch * BC, dslab = BC * dp;
+    for (int64_t kg = chunk * BC; kg < s.sk; kg += KG * step) {
+        int64_t nb = 0;
+        while (nb < KG && kg + nb * step < s.sk)
+            nb++;
+        memset(w.dK, 0, (size_t)(nb * dslab) * sizeof(acc_t));
+        memset(w.dV, 0, (size_t)(nb * dslab) * sizeof(acc_t));
 
         for (int64_t g = 0; g < G; g++) {
             const int64_t h = hk * G + g;
             for (int64_t q0 = 0; q0 < s.sq; q0 += BR) {
                 const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
-                if (!bw_bands(p, &s, q0, nr, k0, k0 + nc, w.lo, w.hi))
+                const int64_t klast = kg + (nb - 1) * step;
+                bw_bands(p, &s, q0, nr, w.lo, w.hi);
+                if (!bw_reach(w.lo, w.hi, nr, kg, klast + (s.sk - klast < BC ? s.sk - klast : BC)))
                     continue;
                 const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
-                bw_stats(p, ws, &s, h, q0, nr, &w);
-                bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr);
-                /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's
-                 * strides; only the nr real rows enter the sum. Rows of dK/dV past nc see S/dP
-                 * columns that bw_row zeroed (up to ncp) or never wrote (up to ncr); they are
-                 * never stored. */
-                bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, w.dV, dp);
-                bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, w.dK, dp);
-                /* dQ += dX K into the chunk's partial sums. A ragged last block goes through the
-                 * scratch: its padding rows are another sequence's rows, owned by another item. */
                 acc_t *dQr = dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0) * dp;
-                if (nr == nrp) {
-                    bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, Kr, dp, dQr, dp);
-                } else {
-                    bw_gemm(0, nrp, dp, nc, w.dP, BC, 1, Kr, dp, w.dQ, dp);
-                    for (int64_t x = 0; x < nr * dp; x += VLEN)
-                        vstore(dQr + x, vload(dQr + x) + vload(w.dQ + x));
-                }
-                if (p->dpse) {
-                    acc_t *dpse = (acc_t *)p->dpse;
-                    for (int64_t r = 0; r < nr; r++) {
-                        acc_t *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
-                        const acc_t *x = w.dP + r * BC;
-                        for (int64_t c = 0; c < nc; c++)
-                            row[(k0 + c) * p->dpse_sc] += x[c];
+                bw_stats(p, ws, &s, h, q0, nr, &w);
+                for (int64_t t = 0; t < nb; t++) {
+                    const int64_t k0 = kg + t * step, nc = s.sk - k0 < BC ? s.sk - k0 : BC;
+                    if (!bw_reach(w.lo, w.hi, nr, k0, k0 + nc))
+                        continue;
+                    const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
+                    const acc_t *Kt = bw_kblock(p, ws, ws->Kt, bi, hk, k0);
+                    const acc_t *Vt = bw_kblock(p, ws, ws->Vt, bi, hk, k0);
+                    const acc_t *Kr = bw_krow(p, ws, bi, hk, k0);
+                    acc_t *dK = w.dK + t * dslab, *dV = w.dV + t * dslab;
+                    bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr);
+                    /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's
+                     * strides; only the nr real rows enter the sum. Rows of dK/dV past nc see
+                     * S/dP columns that bw_row zeroed (up to ncp) or never wrote (up to ncr);
+                     * they are never stored. */
+                    bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, dV, dp);
+                    bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, dK, dp);
+                    /* dQ += dX K into the chunk's partial sums. A ragged last block goes through
+                     * the scratch: its padding rows are another sequence's rows, owned by another
+                     * item. */
+                    if (nr == nrp) {
+                        bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, Kr, dp, dQr, dp);
+                    } else {
+                        bw_gemm(0, nrp, dp, nc, w.dP, BC, 1, Kr, dp, w.dQ, dp);
+                        for (int64_t x = 0; x < nr * dp; x += VLEN)
+                            vstore(dQr + x, vload(dQr + x) + vload(w.dQ + x));
+                    }
+                    if (p->dpse) {
+                        acc_t *dpse = (acc_t *)p->dpse;
+                        for (int64_t r = 0; r < nr; r++) {
+                            acc_t *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
+                            const acc_t *x = w.dP + r * BC;
+                            for (int64_t c = 0; c < nc; c++)
+                                row[(k0 + c) * p->dpse_sc] += x[c];
+                        }
                     }
                 }
             }
         }
 
-        for (int64_t c = 0; c < nc; c++) {
-            const int64_t phys = s.k_row0 + k0 + c;
-            bw_store(f->dtype, w.dK + c * dp, d,
-                     (char *)p->dk + (s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh) * es);
-            bw_store(f->dtype, w.dV + c * dp, d,
-                     (char *)p->dv + (s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh) * es);
+        for (int64_t t = 0; t < nb; t++) {
+            const int64_t k0 = kg + t * step, nc = s.sk - k0 < BC ? s.sk - k0 : BC;
+            for (int64_t c = 0; c < nc; c++) {
+                const int64_t phys = s.k_row0 + k0 + c;
+                bw_store(f->dtype, w.dK + t * dslab + c * dp, d,
+                         (char *)p->dk + (s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh) * es);
+                bw_store(f->dtype, w.dV + t * dslab + c * dp, d,
+                         (char *)p->dv + (s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh) * es);
+            }
         }
     }
     return FA_OK;
