@@ -7,13 +7,14 @@
  *   FA_NAME(x)      the name of symbol x for this build
  * and includes this file. Blocks are FA_BWD_BLOCK_ROWS query rows by FA_BWD_BLOCK_KEYS keys.
  *
- * The math is the one stated in fa_bwd_params.h (Dao 2023, Algorithm 2). Four entry points:
+ * The math is the one stated in fa_bwd_params.h (Dao 2023, Algorithm 2). Three entry points (no
+ * packk: the driver's K/V workspace is not used):
  *   prep  D_i = dO_i . O_i, the per-row P = exp(s - m) * il statistics, and Q, dO converted to
  *         acc_t rows, per (batch, head, rows);
- *   packk K^T, V^T blocks and K rows in acc_t, per (batch, kv head, key block). Converting once
- *         (O(S d) memory) instead of per block pair keeps the conversions and transposes, which
- *         cost about as much as a block GEMM each time, out of the hot loop;
- *   dkdv  one chunk of key blocks (c, c + nch, ...) of one (batch, kv head): for each key block,
+ *   dkdv  one chunk of key blocks (c, c + nch, ...) of one (batch, kv head): it converts each of
+ *         its key blocks once into K^T, V^T and K rows in acc_t in its scratch (every key block
+ *         belongs to one chunk, so this is the only conversion, and it lands in L2 right before
+ *         use, with no O(S d) copy of K/V); then for each key block,
  *         each query head of the GQA group (in order) and each query block whose band reaches
  *         the key block (in order) it recomputes S, P, dP, dS and accumulates dV += (P z r)^T dO,
  *         dK += dX^T Q (owned rows: the group sum needs no reduction) and dQ += dX K into the
@@ -27,8 +28,8 @@
  * Every block GEMM is one micro-kernel shape: C[rows x cols] (+)= A . B with B row-major in
  * vectors and A read through two strides, broadcast one element at a time, so A may be a
  * transposed view (P^T, dS^T) at no packing cost. K and V are packed transposed (d x keys) for the
- * products with Q and dO, K also row-major (keys x dpad) for dQ; Q and dO row-major (rows x dpad),
- * all in the driver's workspace (fa_bwd_ws). Packed buffers are zero-padded to whole vectors, so
+ * products with Q and dO, K also row-major (keys x dpad) for dQ, in the item's scratch; Q and dO
+ * row-major (rows x dpad) in the driver's workspace (fa_bwd_ws). Packed buffers are zero-padded to whole vectors, so
  * padding contributes exact zeros; padding rows of a block are computed and then discarded.
  * Accumulation is in acc_t throughout (dK/dV in the item's scratch, dQ in the partial sums) and
  * each gradient is rounded once to the input dtype when stored.
@@ -200,6 +201,8 @@ static void bw_gemm(int add, int64_t rows, int64_t cols, int64_t kn, const acc_t
 
 typedef struct {
     acc_t *dK, *dV; /* KG x BC x dpad accumulators (dkdv pass), one BC x dpad slab per block */
+    acc_t *Kt, *Vt; /* KG x d x BC: the group's key blocks transposed, columns past the keys 0 */
+    acc_t *Kr;      /* KG x BC x dpad: the group's keys row-major, padding columns 0 */
     acc_t *dQ;      /* BR x dpad accumulator (dq pass) */
     acc_t *S, *dP;  /* BR x BC: scores -> P z r; dO V^T -> dX */
     acc_t *G, *Z;   /* BC: per-row chain factor and dropout keep * r */
@@ -213,7 +216,8 @@ typedef struct {
 size_t FA_NAME(scratch)(const fa_bwd_params *p)
 {
     const int64_t dp = DPAD(p->f.d);
-    return 2 * PIECE(KG * BC * dp) + PIECE(BR * dp) + 2 * PIECE(BR * BC) + 2 * PIECE(BC) +
+    return 2 * PIECE(KG * BC * dp) + 2 * PIECE(KG * p->f.d * BC) + PIECE(KG * BC * dp) +
+           PIECE(BR * dp) + 2 * PIECE(BR * BC) + 2 * PIECE(BC) +
            PIECE(3 * BR) + 2 * IPIECE(BR);
 }
 
@@ -225,6 +229,9 @@ static bw_scratch bw_carve(void *buf, int64_t d)
 #define TAKE(field, n) (w.field = (acc_t *)q, q += PIECE(n))
     TAKE(dK, KG * BC * dp);
     TAKE(dV, KG * BC * dp);
+    TAKE(Kt, KG * d * BC);
+    TAKE(Vt, KG * d * BC);
+    TAKE(Kr, KG * BC * dp);
     TAKE(dQ, BR * dp);
     TAKE(S, BR * BC);
     TAKE(dP, BR * BC);
@@ -258,35 +265,21 @@ FA_INLINE const acc_t *bw_rows(const fa_bwd_params *p, const fa_bwd_ws *ws, cons
     return (const acc_t *)base + (h * ws->qstride + bw_qrow(p, s, i)) * ws->dpad;
 }
 
-/* Transposed block (d x BC) of keys [k0, k0 + BC) of kv head hk, k0 a multiple of BC. */
-FA_INLINE acc_t *bw_kblock(const fa_bwd_params *p, const fa_bwd_ws *ws, void *base, int64_t bi,
-                           int64_t hk, int64_t k0)
-{
-    return (acc_t *)base + ((hk * ws->blocks + ws->kblk[bi] + k0 / BC) * p->f.d) * BC;
-}
-
-/* Packed K row of key j of sequence bi, kv head hk. */
-FA_INLINE acc_t *bw_krow(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t hk,
-                         int64_t j)
-{
-    int64_t row = p->f.cu_k ? p->f.cu_k[bi] + j : bi * p->f.sk + j;
-    return (acc_t *)ws->Kr + (hk * ws->krows + row) * ws->dpad;
-}
-
 /* ---- packing ------------------------------------------------------------------------------------ */
 
-void FA_NAME(packk)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t hk, int64_t k0)
+/* Keys [k0, k0 + BC) of kv head hk of sequence s into Kt, Vt (d x BC, columns past the sequence's
+ * last key zero) and Kr (rows x dpad, padding columns zero). */
+static void bw_pack(const fa_bwd_params *p, const fa_seq *s, int64_t hk, int64_t k0, acc_t *Kt,
+                    acc_t *Vt, acc_t *Kr)
 {
     const fa_fwd_params *f = &p->f;
-    const fa_seq s = fa_seq_of(f, bi);
     const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype);
-    const int64_t nc = s.sk - k0 < BC ? s.sk - k0 : BC;
-    acc_t *Kt = bw_kblock(p, ws, ws->Kt, bi, hk, k0), *Vt = bw_kblock(p, ws, ws->Vt, bi, hk, k0);
+    const int64_t nc = s->sk - k0 < BC ? s->sk - k0 : BC;
     acc_t vrow[DPAD(512)];
     for (int64_t c = 0; c < nc; c++) {
-        acc_t *kr = bw_krow(p, ws, bi, hk, k0 + c);
-        bw_load(f->dtype, fa_key_ptr(f, &f->k, &s, k0 + c, hk, es), d, kr);
-        bw_load(f->dtype, fa_key_ptr(f, &f->v, &s, k0 + c, hk, es), d, vrow);
+        acc_t *kr = Kr + c * dp;
+        bw_load(f->dtype, fa_key_ptr(f, &f->k, s, k0 + c, hk, es), d, kr);
+        bw_load(f->dtype, fa_key_ptr(f, &f->v, s, k0 + c, hk, es), d, vrow);
         for (int64_t k = d; k < dp; k++)
             kr[k] = 0;
         for (int64_t k = 0; k < d; k++) {
@@ -521,6 +514,8 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
             nb++;
         memset(w.dK, 0, (size_t)(nb * dslab) * sizeof(acc_t));
         memset(w.dV, 0, (size_t)(nb * dslab) * sizeof(acc_t));
+        for (int64_t t = 0; t < nb; t++)
+            bw_pack(p, &s, hk, kg + t * step, w.Kt + t * d * BC, w.Vt + t * d * BC, w.Kr + t * dslab);
 
         for (int64_t g = 0; g < G; g++) {
             const int64_t h = hk * G + g;
@@ -538,9 +533,7 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                     if (!bw_reach(w.lo, w.hi, nr, k0, k0 + nc))
                         continue;
                     const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
-                    const acc_t *Kt = bw_kblock(p, ws, ws->Kt, bi, hk, k0);
-                    const acc_t *Vt = bw_kblock(p, ws, ws->Vt, bi, hk, k0);
-                    const acc_t *Kr = bw_krow(p, ws, bi, hk, k0);
+                    const acc_t *Kt = w.Kt + t * d * BC, *Vt = w.Vt + t * d * BC, *Kr = w.Kr + t * dslab;
                     acc_t *dK = w.dK + t * dslab, *dV = w.dV + t * dslab;
                     bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr);
                     /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's
