@@ -1,9 +1,11 @@
 /* fa_bwd_driver.c: run the backward on threads.
  *
  * Three phases in one OpenMP region, separated by the barriers of its work-sharing loops:
- *   1. prep over (batch, head, query block) and packk over (batch, kv head, key block): D, the row
- *      statistics, and Q, dO, K, V converted once to the accumulator type in the kernels' layouts
- *      (the workspace: O(S d), the only extra memory besides one block scratch per thread);
+ *   1. prep over (batch, head, query block) and, for kernels that have one, packk over (batch,
+ *      kv head, key block): D, the row statistics, and Q, dO (and K, V) converted once to the
+ *      accumulator type in the kernels' layouts (the workspace: O(S d), the only extra memory
+ *      besides one block scratch per thread). Kernels without packk (the FMA family) convert
+ *      K/V inside their dkdv items, and the driver then allocates no K/V workspace;
  *   2. dkdv over (batch, kv head, chunk of key blocks): each item owns its dK/dV rows (GQA groups
  *      included) and its chunk's dQ partial sums;
  *   3. dq over (batch, head, query block): each item adds its rows' partial sums in chunk order.
@@ -34,15 +36,16 @@
 
 #define FA_BWD_MIN_ITEMS 16
 
-#define BWD_KERNEL(name)                                                                           \
-    {name##_prep,    name##_packk,     name##_dkdv,                                               \
+/* fa_bwd_impl.h's kernels pack K/V in their dkdv items: no packk. */
+#define BWD_KERNEL_NOPACK(name)                                                                    \
+    {name##_prep,    NULL,             name##_dkdv,                                               \
      name##_dq,      name##_scratch,   FA_BWD_BLOCK_ROWS,                                         \
      FA_BWD_BLOCK_KEYS, NULL}
 
 static const fa_bwd_kernel bwd_tables[FA_ISA_COUNT][2] = {
-    [FA_ISA_SCALAR] = {BWD_KERNEL(fa_bwd_f32__scalar), BWD_KERNEL(fa_bwd_f64__scalar)},
-    [FA_ISA_AVX2] = {BWD_KERNEL(fa_bwd_f32__avx2), BWD_KERNEL(fa_bwd_f64__avx2)},
-    [FA_ISA_AVX512] = {BWD_KERNEL(fa_bwd_f32__avx512), BWD_KERNEL(fa_bwd_f64__avx512)},
+    [FA_ISA_SCALAR] = {BWD_KERNEL_NOPACK(fa_bwd_f32__scalar), BWD_KERNEL_NOPACK(fa_bwd_f64__scalar)},
+    [FA_ISA_AVX2] = {BWD_KERNEL_NOPACK(fa_bwd_f32__avx2), BWD_KERNEL_NOPACK(fa_bwd_f64__avx2)},
+    [FA_ISA_AVX512] = {BWD_KERNEL_NOPACK(fa_bwd_f32__avx512), BWD_KERNEL_NOPACK(fa_bwd_f64__avx512)},
 };
 
 static const fa_bwd_kernel bwd_bf16_amx = {
@@ -102,16 +105,18 @@ fa_status fa_bwd(const fa_bwd_params *p)
     const int64_t br = k->block_rows, bc = k->block_keys, G = f->h / f->hk;
     const size_t acc = f->dtype == FA_F64 ? 8 : 4;
 
+    const int pack = k->packk != NULL;
     int64_t rows = f->cu_q ? f->cu_q[f->b] : f->b * f->sq;
-    int64_t nq = 0, npk = 0, max_kb = 1;
+    int64_t nq = 0, npk = 0, nkb = 0, max_kb = 1;
     for (int64_t bi = 0; bi < f->b; bi++) {
         fa_seq s = fa_seq_of(f, bi);
         int64_t kb = (s.sk + bc - 1) / bc;
         nq += (s.sq + br - 1) / br * f->h;
-        npk += kb * f->hk;
+        nkb += kb * f->hk;
+        npk += pack ? kb * f->hk : 0;
         max_kb = kb > max_kb ? kb : max_kb;
     }
-    if (nq + npk == 0)
+    if (nq + nkb == 0)
         return FA_OK;
     int64_t nch = (FA_BWD_MIN_ITEMS + f->b * f->hk - 1) / (f->b * f->hk);
     nch = nch < max_kb ? nch : max_kb;
@@ -135,7 +140,8 @@ fa_status fa_bwd(const fa_bwd_params *p)
     ws.nch = nch, ws.qblocks = qblocks;
     ws.kblk = kblk, ws.qblk = qblk;
     const size_t n_stat = (size_t)(rows * f->h), n_q = (size_t)(f->h * qstride * dp),
-                 n_kt = (size_t)(f->hk * blocks * f->d * bc), n_kr = (size_t)(f->hk * krows * dp);
+                 n_kt = pack ? (size_t)(f->hk * blocks * f->d * bc) : 0,
+                 n_kr = pack ? (size_t)(f->hk * krows * dp) : 0;
     size_t sz[6] = {n_q * acc, n_q * acc, n_kt * acc, n_kt * acc, n_kr * acc, nch * n_q * acc};
     if (k->ws_sizes)
         k->ws_sizes(p, &ws, sz);
@@ -165,6 +171,8 @@ fa_status fa_bwd(const fa_bwd_params *p)
         *arrays[i] = at;
         at += ((i < 3 ? n_stat * acc : sz[i - 3]) + 63) / 64 * 64;
     }
+    if (!pack)
+        ws.Kt = ws.Vt = ws.Kr = NULL;
     /* Rows past the last query row are read as block padding: make them zeros, not garbage. */
     for (int64_t h = 0; !k->ws_sizes && h < f->h; h++) {
         memset((char *)ws.Q + (size_t)((h * qstride + rows) * dp) * acc, 0, (size_t)((qstride - rows) * dp) * acc);
@@ -190,7 +198,7 @@ fa_status fa_bwd(const fa_bwd_params *p)
             for (int64_t hk = 0; hk < f->hk; hk++)
                 ki[b++] = (bwd_item){cost, bi, hk, ch};
         }
-        for (int64_t k0 = 0; k0 < s.sk; k0 += bc)
+        for (int64_t k0 = 0; pack && k0 < s.sk; k0 += bc)
             for (int64_t hk = 0; hk < f->hk; hk++)
                 pk[c++] = (bwd_item){0, bi, hk, k0};
     }

@@ -7,13 +7,14 @@
  *   FA_NAME(x)      the name of symbol x for this build
  * and includes this file. Blocks are FA_BWD_BLOCK_ROWS query rows by FA_BWD_BLOCK_KEYS keys.
  *
- * The math is the one stated in fa_bwd_params.h (Dao 2023, Algorithm 2). Four entry points:
+ * The math is the one stated in fa_bwd_params.h (Dao 2023, Algorithm 2). Three entry points (no
+ * packk: the driver's K/V workspace is not used):
  *   prep  D_i = dO_i . O_i, the per-row P = exp(s - m) * il statistics, and Q, dO converted to
  *         acc_t rows, per (batch, head, rows);
- *   packk K^T, V^T blocks and K rows in acc_t, per (batch, kv head, key block). Converting once
- *         (O(S d) memory) instead of per block pair keeps the conversions and transposes, which
- *         cost about as much as a block GEMM each time, out of the hot loop;
- *   dkdv  one chunk of key blocks (c, c + nch, ...) of one (batch, kv head): for each key block,
+ *   dkdv  one chunk of key blocks (c, c + nch, ...) of one (batch, kv head): it converts each of
+ *         its key blocks once into K^T, V^T and K rows in acc_t in its scratch (every key block
+ *         belongs to one chunk, so this is the only conversion, and it lands in L2 right before
+ *         use, with no O(S d) copy of K/V); then for each key block,
  *         each query head of the GQA group (in order) and each query block whose band reaches
  *         the key block (in order) it recomputes S, P, dP, dS and accumulates dV += (P z r)^T dO,
  *         dK += dX^T Q (owned rows: the group sum needs no reduction) and dQ += dX K into the
@@ -27,8 +28,8 @@
  * Every block GEMM is one micro-kernel shape: C[rows x cols] (+)= A . B with B row-major in
  * vectors and A read through two strides, broadcast one element at a time, so A may be a
  * transposed view (P^T, dS^T) at no packing cost. K and V are packed transposed (d x keys) for the
- * products with Q and dO, K also row-major (keys x dpad) for dQ; Q and dO row-major (rows x dpad),
- * all in the driver's workspace (fa_bwd_ws). Packed buffers are zero-padded to whole vectors, so
+ * products with Q and dO, K also row-major (keys x dpad) for dQ, in the item's scratch; Q and dO
+ * row-major (rows x dpad) in the driver's workspace (fa_bwd_ws). Packed buffers are zero-padded to whole vectors, so
  * padding contributes exact zeros; padding rows of a block are computed and then discarded.
  * Accumulation is in acc_t throughout (dK/dV in the item's scratch, dQ in the partial sums) and
  * each gradient is rounded once to the input dtype when stored.
@@ -125,8 +126,14 @@ static void bw_gemm(int add, int64_t rows, int64_t cols, int64_t kn, const acc_t
 
 /* ---- scratch ------------------------------------------------------------------------------------ */
 
+/* Key blocks per group: the dkdv pass reads each query block's Q, dO and dQ partials once per group
+ * of this many key blocks of its chunk instead of once per key block (see dkdv). */
+#define KG 4
+
 typedef struct {
-    acc_t *dK, *dV; /* BC x dpad accumulators (dkdv pass) */
+    acc_t *dK, *dV; /* KG x BC x dpad accumulators (dkdv pass), one BC x dpad slab per block */
+    acc_t *Kt, *Vt; /* KG x d x BC: the group's key blocks transposed, columns past the keys 0 */
+    acc_t *Kr;      /* KG x BC x dpad: the group's keys row-major, padding columns 0 */
     acc_t *dQ;      /* BR x dpad accumulator (dq pass) */
     acc_t *S, *dP;  /* BR x BC: scores -> P z r; dO V^T -> dX */
     acc_t *G, *Z;   /* BC: per-row chain factor and dropout keep * r */
@@ -140,7 +147,8 @@ typedef struct {
 size_t FA_NAME(scratch)(const fa_bwd_params *p)
 {
     const int64_t dp = DPAD(p->f.d);
-    return 2 * PIECE(BC * dp) + PIECE(BR * dp) + 2 * PIECE(BR * BC) + 2 * PIECE(BC) +
+    return 2 * PIECE(KG * BC * dp) + 2 * PIECE(KG * p->f.d * BC) + PIECE(KG * BC * dp) +
+           PIECE(BR * dp) + 2 * PIECE(BR * BC) + 2 * PIECE(BC) +
            PIECE(3 * BR) + 2 * IPIECE(BR);
 }
 
@@ -150,8 +158,11 @@ static bw_scratch bw_carve(void *buf, int64_t d)
     char *q = (char *)buf;
     bw_scratch w;
 #define TAKE(field, n) (w.field = (acc_t *)q, q += PIECE(n))
-    TAKE(dK, BC * dp);
-    TAKE(dV, BC * dp);
+    TAKE(dK, KG * BC * dp);
+    TAKE(dV, KG * BC * dp);
+    TAKE(Kt, KG * d * BC);
+    TAKE(Vt, KG * d * BC);
+    TAKE(Kr, KG * BC * dp);
     TAKE(dQ, BR * dp);
     TAKE(S, BR * BC);
     TAKE(dP, BR * BC);
@@ -171,35 +182,21 @@ FA_INLINE const acc_t *bw_rows(const fa_bwd_params *p, const fa_bwd_ws *ws, cons
     return (const acc_t *)base + (h * ws->qstride + bw_qrow(p, s, i)) * ws->dpad;
 }
 
-/* Transposed block (d x BC) of keys [k0, k0 + BC) of kv head hk, k0 a multiple of BC. */
-FA_INLINE acc_t *bw_kblock(const fa_bwd_params *p, const fa_bwd_ws *ws, void *base, int64_t bi,
-                           int64_t hk, int64_t k0)
-{
-    return (acc_t *)base + ((hk * ws->blocks + ws->kblk[bi] + k0 / BC) * p->f.d) * BC;
-}
-
-/* Packed K row of key j of sequence bi, kv head hk. */
-FA_INLINE acc_t *bw_krow(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t hk,
-                         int64_t j)
-{
-    int64_t row = p->f.cu_k ? p->f.cu_k[bi] + j : bi * p->f.sk + j;
-    return (acc_t *)ws->Kr + (hk * ws->krows + row) * ws->dpad;
-}
-
 /* ---- packing ------------------------------------------------------------------------------------ */
 
-void FA_NAME(packk)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int64_t hk, int64_t k0)
+/* Keys [k0, k0 + BC) of kv head hk of sequence s into Kt, Vt (d x BC, columns past the sequence's
+ * last key zero) and Kr (rows x dpad, padding columns zero). */
+static void bw_pack(const fa_bwd_params *p, const fa_seq *s, int64_t hk, int64_t k0, acc_t *Kt,
+                    acc_t *Vt, acc_t *Kr)
 {
     const fa_fwd_params *f = &p->f;
-    const fa_seq s = fa_seq_of(f, bi);
     const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype);
-    const int64_t nc = s.sk - k0 < BC ? s.sk - k0 : BC;
-    acc_t *Kt = bw_kblock(p, ws, ws->Kt, bi, hk, k0), *Vt = bw_kblock(p, ws, ws->Vt, bi, hk, k0);
+    const int64_t nc = s->sk - k0 < BC ? s->sk - k0 : BC;
     acc_t vrow[DPAD(512)];
     for (int64_t c = 0; c < nc; c++) {
-        acc_t *kr = bw_krow(p, ws, bi, hk, k0 + c);
-        bw_load(f->dtype, fa_key_ptr(f, &f->k, &s, k0 + c, hk, es), d, kr);
-        bw_load(f->dtype, fa_key_ptr(f, &f->v, &s, k0 + c, hk, es), d, vrow);
+        acc_t *kr = Kr + c * dp;
+        bw_load(f->dtype, fa_key_ptr(f, &f->k, s, k0 + c, hk, es), d, kr);
+        bw_load(f->dtype, fa_key_ptr(f, &f->v, s, k0 + c, hk, es), d, vrow);
         for (int64_t k = d; k < dp; k++)
             kr[k] = 0;
         for (int64_t k = 0; k < d; k++) {
@@ -230,6 +227,15 @@ void FA_NAME(prep)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int6
             qr[k] = dor[k] = 0;
         bw_row_stats(p, ws, &s, h, i, dor);
     }
+}
+
+/* Whether any of the nr rows' bands (from bw_bands) reaches keys [k0, k1). */
+static int bw_reach(const int64_t *lo, const int64_t *hi, int64_t nr, int64_t k0, int64_t k1)
+{
+    int any = 0;
+    for (int64_t r = 0; r < nr; r++)
+        any |= lo[r] < hi[r] && lo[r] < k1 && hi[r] > k0;
+    return any;
 }
 
 /* S = Q Kt and dP = dO Vt for rows [q0, q0 + nr) against the key block at kb0, then every row
@@ -284,57 +290,79 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
         memset(dQp + (hk * G + g) * ws->qstride * dp + bw_qrow(p, &s, 0) * dp, 0,
                (size_t)(s.sq * dp) * sizeof(acc_t));
 
-    for (int64_t k0 = chunk * BC; k0 < s.sk; k0 += ws->nch * BC) {
-        const int64_t nc = s.sk - k0 < BC ? s.sk - k0 : BC;
-        const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
-        const acc_t *Kt = bw_kblock(p, ws, ws->Kt, bi, hk, k0), *Vt = bw_kblock(p, ws, ws->Vt, bi, hk, k0);
-        const acc_t *Kr = bw_krow(p, ws, bi, hk, k0);
-        memset(w.dK, 0, (size_t)(ncr * dp) * sizeof(acc_t));
-        memset(w.dV, 0, (size_t)(ncr * dp) * sizeof(acc_t));
+    /* The chunk's key blocks k0 = (chunk + t nch) BC go in groups of KG consecutive ones (in t).
+     * For each query block the group's blocks run back to back, so the query block's Q, dO and
+     * dQ partials (streamed from L3 when a head's rows exceed L2) are fetched once per group and
+     * reused from L1/L2, while the group's K/V blocks and dK/dV accumulators stay in L2. The
+     * summation order is the per-block one: each dK/dV block sums over (g, q0) in order and each
+     * dQ partial over the chunk's key blocks in order. */
+    const int64_t step = ws->nch * BC, dslab = BC * dp;
+    for (int64_t kg = chunk * BC; kg < s.sk; kg += KG * step) {
+        int64_t nb = 0;
+        while (nb < KG && kg + nb * step < s.sk)
+            nb++;
+        memset(w.dK, 0, (size_t)(nb * dslab) * sizeof(acc_t));
+        memset(w.dV, 0, (size_t)(nb * dslab) * sizeof(acc_t));
+        for (int64_t t = 0; t < nb; t++)
+            bw_pack(p, &s, hk, kg + t * step, w.Kt + t * d * BC, w.Vt + t * d * BC, w.Kr + t * dslab);
 
         for (int64_t g = 0; g < G; g++) {
             const int64_t h = hk * G + g;
             for (int64_t q0 = 0; q0 < s.sq; q0 += BR) {
                 const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
-                if (!bw_bands(p, &s, q0, nr, k0, k0 + nc, w.lo, w.hi))
+                const int64_t klast = kg + (nb - 1) * step;
+                if (!bw_bands(p, &s, q0, nr, kg, klast + (s.sk - klast < BC ? s.sk - klast : BC),
+                              w.lo, w.hi))
                     continue;
                 const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
-                bw_stats(p, ws, &s, h, q0, nr, &w);
-                bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr);
-                /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's
-                 * strides; only the nr real rows enter the sum. Rows of dK/dV past nc see S/dP
-                 * columns that bw_row zeroed (up to ncp) or never wrote (up to ncr); they are
-                 * never stored. */
-                bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, w.dV, dp);
-                bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, w.dK, dp);
-                /* dQ += dX K into the chunk's partial sums. A ragged last block goes through the
-                 * scratch: its padding rows are another sequence's rows, owned by another item. */
                 acc_t *dQr = dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0) * dp;
-                if (nr == nrp) {
-                    bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, Kr, dp, dQr, dp);
-                } else {
-                    bw_gemm(0, nrp, dp, nc, w.dP, BC, 1, Kr, dp, w.dQ, dp);
-                    for (int64_t x = 0; x < nr * dp; x += VLEN)
-                        vstore(dQr + x, vload(dQr + x) + vload(w.dQ + x));
-                }
-                if (p->dpse) {
-                    acc_t *dpse = (acc_t *)p->dpse;
-                    for (int64_t r = 0; r < nr; r++) {
-                        acc_t *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
-                        const acc_t *x = w.dP + r * BC;
-                        for (int64_t c = 0; c < nc; c++)
-                            row[(k0 + c) * p->dpse_sc] += x[c];
+                bw_stats(p, ws, &s, h, q0, nr, &w);
+                for (int64_t t = 0; t < nb; t++) {
+                    const int64_t k0 = kg + t * step, nc = s.sk - k0 < BC ? s.sk - k0 : BC;
+                    if (!bw_reach(w.lo, w.hi, nr, k0, k0 + nc))
+                        continue;
+                    const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
+                    const acc_t *Kt = w.Kt + t * d * BC, *Vt = w.Vt + t * d * BC, *Kr = w.Kr + t * dslab;
+                    acc_t *dK = w.dK + t * dslab, *dV = w.dV + t * dslab;
+                    bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr);
+                    /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's
+                     * strides; only the nr real rows enter the sum. Rows of dK/dV past nc see
+                     * S/dP columns that bw_row zeroed (up to ncp) or never wrote (up to ncr);
+                     * they are never stored. */
+                    bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, dV, dp);
+                    bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, dK, dp);
+                    /* dQ += dX K into the chunk's partial sums. A ragged last block goes through
+                     * the scratch: its padding rows are another sequence's rows, owned by another
+                     * item. */
+                    if (nr == nrp) {
+                        bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, Kr, dp, dQr, dp);
+                    } else {
+                        bw_gemm(0, nrp, dp, nc, w.dP, BC, 1, Kr, dp, w.dQ, dp);
+                        for (int64_t x = 0; x < nr * dp; x += VLEN)
+                            vstore(dQr + x, vload(dQr + x) + vload(w.dQ + x));
+                    }
+                    if (p->dpse) {
+                        acc_t *dpse = (acc_t *)p->dpse;
+                        for (int64_t r = 0; r < nr; r++) {
+                            acc_t *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
+                            const acc_t *x = w.dP + r * BC;
+                            for (int64_t c = 0; c < nc; c++)
+                                row[(k0 + c) * p->dpse_sc] += x[c];
+                        }
                     }
                 }
             }
         }
 
-        for (int64_t c = 0; c < nc; c++) {
-            const int64_t phys = s.k_row0 + k0 + c;
-            bw_store(f->dtype, w.dK + c * dp, d,
-                     (char *)p->dk + (s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh) * es);
-            bw_store(f->dtype, w.dV + c * dp, d,
-                     (char *)p->dv + (s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh) * es);
+        for (int64_t t = 0; t < nb; t++) {
+            const int64_t k0 = kg + t * step, nc = s.sk - k0 < BC ? s.sk - k0 : BC;
+            for (int64_t c = 0; c < nc; c++) {
+                const int64_t phys = s.k_row0 + k0 + c;
+                bw_store(f->dtype, w.dK + t * dslab + c * dp, d,
+                         (char *)p->dk + (s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh) * es);
+                bw_store(f->dtype, w.dV + t * dslab + c * dp, d,
+                         (char *)p->dv + (s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh) * es);
+            }
         }
     }
     return FA_OK;

@@ -104,7 +104,8 @@ typedef fa_status (*fa_bwd_dq_fn)(const fa_bwd_params *p, const fa_bwd_ws *ws, i
 
 typedef struct {
     fa_bwd_prep_fn prep;   /* rows [q0, q0 + n) of (bi, h): statistics, Q and dO */
-    fa_bwd_packk_fn packk; /* keys [k0, k0 + block_keys) of (bi, hk): Kt, Vt, Kr */
+    fa_bwd_packk_fn packk; /* keys [k0, k0 + block_keys) of (bi, hk): Kt, Vt, Kr; NULL: the
+                            * kernel packs K/V itself and Kt, Vt, Kr are NULL */
     fa_bwd_dkdv_fn dkdv;   /* key blocks chunk, chunk + nch, ... of (bi, kv head hk) */
     fa_bwd_dq_fn dq;       /* rows [q0, q0 + block_rows) of (bi, h): sum of the dQ partials */
     size_t (*scratch_bytes)(const fa_bwd_params *p);

@@ -130,6 +130,10 @@ CASES = [
     (2, 77, 190, 4, 2, 24, True, (-1, -1), 0.0, True, 0.3),
     (1, 64, 256, 2, 1, 48, False, (30, 30), 0.0, False, 0.1),
     (2, 70, 150, 16, 8, 16, True, (-1, -1), 0.0, False, 0.0),  # batch * kv heads >= 16: one chunk
+    # Groups of key blocks in the dkdv pass (4 blocks of 64 keys of one chunk per group): one chunk
+    # with a full and a partial group, and 2 chunks whose groups hold every other block.
+    (2, 90, 333, 16, 8, 8, True, (-1, -1), 0.0, False, 0.0),
+    (1, 100, 700, 16, 8, 24, False, (200, 30), 0.0, True, 0.0),
 ]
 
 
@@ -186,7 +190,7 @@ def test_grads(c, dname):
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "amx"])
 @pytest.mark.parametrize("dname", ["f32", "f64", "bf16", "f16"])
-@pytest.mark.parametrize("c", [CASES[1], CASES[4], CASES[9], CASES[11]], ids=case_id)
+@pytest.mark.parametrize("c", [CASES[1], CASES[4], CASES[9], CASES[11], CASES[14], CASES[15]], ids=case_id)
 def test_grads_every_isa(c, dname, isa):
     if isa not in ISAS:
         pytest.skip(f"{isa}: not supported by this CPU or build ({fa.cpu_info()})")
@@ -199,7 +203,7 @@ def test_noncontiguous_dout():
     check_case(CASES[11], "bf16", dout_noncontig=True)
 
 
-@pytest.mark.parametrize("c", [CASES[1], CASES[7], CASES[11], CASES[13]], ids=case_id)
+@pytest.mark.parametrize("c", [CASES[1], CASES[7], CASES[11], CASES[13], CASES[14], CASES[15]], ids=case_id)
 def test_threads_bitwise_identical(c):
     """Every output element has one owner and a fixed summation order, so 1 and 2 threads agree
     bit for bit (and so does every ISA with itself)."""
