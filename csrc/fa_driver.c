@@ -3,7 +3,8 @@
  * A work item is (batch, head, block of query rows). Items are ordered by their visible key count,
  * largest first, and handed out dynamically, which balances causal (triangular) and varlen
  * (ragged) work without knowing the thread count in advance. Each thread owns one scratch buffer.
- * Kernels are single-threaded; all threading lives here.
+ * Kernels are single-threaded; all threading lives here. A kernel marked all_heads (the decode
+ * kernel) takes one item per (batch, query block) covering every head instead.
  *
  * Kernels that offer a K/V packing get it once per (batch, kv head) before the items run, when
  * every packed row will be read by at least two items (several query blocks, or a GQA group):
