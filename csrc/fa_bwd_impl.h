@@ -433,12 +433,16 @@ static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i
     }
 }
 
-/* Band of each row of [q0, q0 + nr) into lo/hi. */
-static void bw_bands(const fa_bwd_params *p, const fa_seq *s, int64_t q0, int64_t nr, int64_t *lo,
-                     int64_t *hi)
+/* Band of each row of [q0, q0 + nr) into lo/hi; returns whether any row reaches [k0, k1). */
+static int bw_bands(const fa_bwd_params *p, const fa_seq *s, int64_t q0, int64_t nr, int64_t k0,
+                    int64_t k1, int64_t *lo, int64_t *hi)
 {
-    for (int64_t r = 0; r < nr; r++)
+    int any = 0;
+    for (int64_t r = 0; r < nr; r++) {
         fa_row_band(&p->f, s, q0 + r, &lo[r], &hi[r]);
+        any |= lo[r] < hi[r] && lo[r] < k1 && hi[r] > k0;
+    }
+    return any;
 }
 
 /* Whether any of the nr rows' bands reaches keys [k0, k1). */
@@ -522,9 +526,11 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
             const int64_t h = hk * G + g;
             for (int64_t q0 = 0; q0 < s.sq; q0 += BR) {
                 const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
+                /* Skip query blocks that reach none of the group's span (which includes other
+                 * chunks' blocks when nch > 1: a cheap superset test; each block is tested below). */
                 const int64_t klast = kg + (nb - 1) * step;
-                bw_bands(p, &s, q0, nr, w.lo, w.hi);
-                if (!bw_reach(w.lo, w.hi, nr, kg, klast + (s.sk - klast < BC ? s.sk - klast : BC)))
+                if (!bw_bands(p, &s, q0, nr, kg, klast + (s.sk - klast < BC ? s.sk - klast : BC),
+                              w.lo, w.hi))
                     continue;
                 const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
                 acc_t *dQr = dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0) * dp;
