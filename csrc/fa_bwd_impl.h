@@ -11,14 +11,14 @@
  * packk: the driver's K/V workspace is not used):
  *   prep  D_i = dO_i . O_i, the per-row P = exp(s - m) * il statistics, and Q, dO converted to
  *         acc_t rows, per (batch, head, rows);
- *   dkdv  one chunk of key blocks (c, c + nch, ...) of one (batch, kv head): it converts each of
- *         its key blocks once into K^T, V^T and K rows in acc_t in its scratch (every key block
- *         belongs to one chunk, so this is the only conversion, and it lands in L2 right before
- *         use, with no O(S d) copy of K/V); then for each key block,
- *         each query head of the GQA group (in order) and each query block whose band reaches
- *         the key block (in order) it recomputes S, P, dP, dS and accumulates dV += (P z r)^T dO,
- *         dK += dX^T Q (owned rows: the group sum needs no reduction) and dQ += dX K into the
- *         chunk's own dQ partial sums;
+ *   dkdv  one chunk of key blocks (c, c + nch, ...) of one (batch, kv head), in groups of KG
+ *         blocks: it converts each key block once into K^T, V^T and K rows in acc_t in its
+ *         scratch (every key block belongs to one chunk, so this is the only conversion, and it
+ *         lands in L2 right before use, with no O(S d) copy of K/V); then for each query head of
+ *         the GQA group (in order), each query block (in order) and each of the group's key
+ *         blocks that the block's band reaches it recomputes S, P, dP, dS and accumulates
+ *         dV += (P z r)^T dO, dK += dX^T Q (owned rows: the group sum needs no reduction) and
+ *         dQ += dX K into the chunk's own dQ partial sums;
  *   dq    one query block of one (batch, head): dQ = the chunks' partial sums, added in order.
  * That is FlashAttention-2's 5 block GEMMs per (query block, key block). Where the GPU kernel adds
  * dQ with atomics, the partial sums per chunk give the same work with no races and a fixed
@@ -29,8 +29,9 @@
  * vectors and A read through two strides, broadcast one element at a time, so A may be a
  * transposed view (P^T, dS^T) at no packing cost. K and V are packed transposed (d x keys) for the
  * products with Q and dO, K also row-major (keys x dpad) for dQ, in the item's scratch; Q and dO
- * row-major (rows x dpad) in the driver's workspace (fa_bwd_ws). Packed buffers are zero-padded to whole vectors, so
- * padding contributes exact zeros; padding rows of a block are computed and then discarded.
+ * row-major (rows x dpad) in the driver's workspace (fa_bwd_ws). Packed buffers are zero-padded
+ * to whole vectors, so padding contributes exact zeros; padding rows of a block are computed and
+ * then discarded.
  * Accumulation is in acc_t throughout (dK/dV in the item's scratch, dQ in the partial sums) and
  * each gradient is rounded once to the input dtype when stored.
  *
@@ -310,6 +311,8 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
             const int64_t h = hk * G + g;
             for (int64_t q0 = 0; q0 < s.sq; q0 += BR) {
                 const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
+                /* Skip query blocks that reach none of the group's span (which includes other
+                 * chunks' blocks when nch > 1: a cheap superset test; each block is tested below). */
                 const int64_t klast = kg + (nb - 1) * step;
                 if (!bw_bands(p, &s, q0, nr, kg, klast + (s.sk - klast < BC ? s.sk - klast : BC),
                               w.lo, w.hi))

@@ -66,8 +66,9 @@ typedef struct {
  * (batch, kv head, chunk of key blocks) that computes dK/dV and adds dQ contributions into the
  * chunk's own dQ partial sums; and a pass over (batch, head, query block) that adds the chunks'
  * partial sums in a fixed order. Extra memory: the converted copies and the partial sums
- * ((5 + chunks) * rows * heads * d accumulators, O(S d), never S x S) plus one block scratch per
- * thread; results do not depend on the thread count. */
+ * ((2 + chunks) * rows * heads * d accumulators, plus 3 * keys * kv heads * d for kernels with a
+ * packk; O(S d), never S x S) plus one block scratch per thread; results do not depend on the
+ * thread count. */
 fa_status fa_bwd(const fa_bwd_params *p);
 
 /* ---- per-ISA entry points (fa_bwd_impl.h) ---- */
