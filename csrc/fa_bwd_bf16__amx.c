@@ -34,6 +34,7 @@
 #define FA_ACC float
 #define FA_ACC_IS_DOUBLE 0
 #define FA_VBYTES 64
+#include "fa_amx.h"
 #include "fa_bwd_rows.h"
 
 #define AR FA_BWD_AMX_ROWS
@@ -170,23 +171,6 @@ void fa_bwd_bf16__amx_packk(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t
 
 /* ---- tiles -------------------------------------------------------------------------------------- */
 
-/* Palette 1, all eight tiles 16 rows x 64 bytes. */
-static void amx_configure(void)
-{
-    struct {
-        uint8_t palette, start_row, reserved[14];
-        uint16_t colsb[16];
-        uint8_t rows[16];
-    } c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.colsb[t] = 64;
-        c.rows[t] = 16;
-    }
-    _tile_loadconfig(&c);
-}
-
 /* C (+)= A . B over mt x nt C tiles (both even) and ks k steps of 32 bf16 products each:
  * A tile (m, k) at A + m*am + k*ak (stride ald bytes), B tile (k, n) at B + k*bk + n*bn (stride
  * bld), C tile (m, n) at C + m*cm + n*cn (stride cld). 2x2 C tiles per step: tiles 0-3 C, 4-5 A,
@@ -263,7 +247,7 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
     for (int64_t g = 0; g < G && nqb > 0; g++)
         memset(dq_block(p, ws, chunk, bi, hk * G + g, 0), 0, (size_t)(nqb * AR * d32) * 4);
 
-    amx_configure();
+    fa_amx_configure();
     for (int64_t k0 = chunk * AK; k0 < s.sk; k0 += ws->nch * AK) {
         const int64_t nc = s.sk - k0 < AK ? s.sk - k0 : AK;
         const uint16_t *Kd = kblock(p, ws, ws->Kt, bi, hk, k0), *Vd = kblock(p, ws, ws->Vt, bi, hk, k0);

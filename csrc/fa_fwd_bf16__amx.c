@@ -22,6 +22,7 @@
  * Without a packed copy (one-block calls, decode) the item runs the AVX-512 float32 kernel.
  */
 #include "fa_kernels.h"
+#include "fa_amx.h"
 #include "fa_fwd_bf16_rows.h"
 
 #define QB FA_FWD_F32_AVX512_ROWS /* queries per item: QB / BR sub-blocks */
@@ -138,25 +139,6 @@ void fa_fwd_bf16__amx_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, void 
 }
 
 /* ---- AMX ------------------------------------------------------------------------------------- */
-
-/* Palette 1, all eight tiles 16 rows x 64 bytes. */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tilecfg;
-
-static void amx_configure(void)
-{
-    tilecfg c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.colsb[t] = 64;
-        c.rows[t] = 16;
-    }
-    _tile_loadconfig(&c);
-}
 
 /* S[0 .. 16 ngroups)[0 .. round32(nc)) = Q K^T for keys kb0.. of sub-block Qs. Tiles: C 0-3,
  * A (Q) 4-5, B (K) 6-7. Key tile pair outer, query pair inner: the K pair is read from L2 once
@@ -288,7 +270,7 @@ fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *p, int64_t bi, int64_t h, i
         }
     }
     memset(w.O, 0, (size_t)(nsub * BR * ldo) * 4);
-    amx_configure();
+    fa_amx_configure();
 
     /* Blocks start on a multiple of 32 keys (the packed tiles' granularity); keys before kmin in
      * the first block are outside every row's band and get masked. */

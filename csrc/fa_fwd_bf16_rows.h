@@ -7,7 +7,7 @@
  * bf16 P in the A-tile layout of the P.V product (tile (query group g, key chunk c) = 16 rows of
  * 32 keys, a contiguous 1 KiB), so P is never stored as float32.
  *
- * exp: exp2_rows, bit for bit exp2_clamped of fa_fwd_avx512_lanes.h (same accuracy), of
+ * exp: exp2_clamped of fa_fwd_avx512_lanes.h (the same function as the FMA kernel), of
  * t = (x sx - m) log2 e, the bracket in one FMA (one rounding, where the lanes kernel rounds
  * x sx first). Only the columns [c0, c1) of a row's band enter its max and sum (P = 0
  * elsewhere), so a band edge needs no extra pass. Without softcap, alibi, pse or mask, sx is the
@@ -53,26 +53,6 @@ INL __mmask16 tail16(int64_t n)
 INL __mmask16 band16(int64_t j, int64_t c0, int64_t c1)
 {
     return (__mmask16)(tail16(c1 - j) & ~tail16(c0 - j));
-}
-
-/* 2^t as exp2_clamped of fa_fwd_avx512_lanes.h, bit for bit, with n = round(t) taken by adding
- * and subtracting 1.5 * 2^23 (exact and round-to-nearest-even for |t| <= 2^22, which the clamp
- * at -200 and t <= ~0 guarantee; +inf and NaN give NaN as there) instead of vrndscaleps, which
- * is two uops on port 0 next to vscalefps. */
-INL __m512 exp2_rows(__m512 t)
-{
-    const __m512 magic = _mm512_set1_ps(12582912.0f);
-    t = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);
-    __m512 n = _mm512_sub_ps(_mm512_add_ps(t, magic), magic);
-    __m512 r = _mm512_sub_ps(t, n);
-    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
 }
 
 /* n floats times mul to bfloat16, rounded to nearest even with NaN kept quiet: fa_f32_to_bf16
@@ -217,8 +197,8 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
             const __mmask16 t0 = band16(j, c0, c1), t1 = band16(j + 16, c0, c1);
             const __m512 x0 = _mm512_maskz_loadu_ps(t0, x + j), x1 = _mm512_maskz_loadu_ps(t1, x + j + 16);
             /* (x sx - mu) with one rounding, then to base 2 */
-            __m512 e0 = exp2_rows(_mm512_mul_ps(_mm512_fmadd_ps(x0, vsx, nmu), l2e));
-            __m512 e1 = exp2_rows(_mm512_mul_ps(_mm512_fmadd_ps(x1, vsx, nmu), l2e));
+            __m512 e0 = exp2_clamped(_mm512_mul_ps(_mm512_fmadd_ps(x0, vsx, nmu), l2e));
+            __m512 e1 = exp2_clamped(_mm512_mul_ps(_mm512_fmadd_ps(x1, vsx, nmu), l2e));
             if (j < c0 || j + 32 > c1) { /* columns outside the band or past the block: P = 0 */
                 e0 = _mm512_maskz_mov_ps(t0, e0);
                 e1 = _mm512_maskz_mov_ps(t1, e1);
