@@ -14,7 +14,8 @@ asan:
 	FLASH_ATTN_C_SANITIZE=address,undefined $(PY) setup.py build_ext --inplace --force
 	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 $(PY) -m pytest -q -x -p no:cacheprovider \
-	  tests/test_flash_attn.py tests/test_errors.py
+	  tests/test_flash_attn.py tests/test_errors.py tests/test_backward.py tests/test_decode.py \
+	  tests/test_amx_blocks.py
 	$(PY) setup.py build_ext --inplace --force
 
 bench:
