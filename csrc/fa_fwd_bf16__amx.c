@@ -25,8 +25,10 @@
  * hi + lo with hi = bf16(x), lo = bf16(x - hi) (11 significand bits fit in two bf16's 8, and
  * bf16's exponent range covers f16's subnormals). Q, K and V are split when loaded / packed (K
  * and V as a second set of tiles), P from its fp32 value the same way (16 of its 24 bits), and
- * Q K^T = Qh Kh + Qh Kl + Ql Kh, P V = Ph Vh + Ph Vl + Pl Vh on tdpbf16ps with fp32 accumulation:
- * the dropped lo x lo term is ~2^-18 of each product, far below f16's output rounding (2^-11).
+ * Q K^T = Qh Kh + Qh Kl + Ql Kh + Ql Kl (exact products: the scores are as accurate as the FMA
+ * kernel's, which the float32 lse and S_dmask need), P V = Ph Vh + Ph Vl + Pl Vh on tdpbf16ps with
+ * fp32 accumulation: the dropped Pl Vl is ~2^-18 of each product, far below f16's output rounding
+ * (2^-11).
  */
 #include "fa_kernels.h"
 #include "fa_amx.h"
@@ -217,9 +219,11 @@ static void amx_qk(const uint16_t *Kb, const uint16_t *Qs, int64_t nd, int64_t k
     }
 }
 
-/* amx_qk for f16 inputs split into hi and lo: S = Qh Kh + Qh Kl + Ql Kh, the three products of
- * each dim chunk into the same C tiles (ten tile loads per twelve products, all from L1/L2 as in
- * amx_qk). */
+/* amx_qk for f16 inputs split into hi and lo: S = Qh Kh + Qh Kl + Ql Kh + Ql Kl, the four
+ * products of each dim chunk into the same C tiles (twelve tile loads per sixteen products, from
+ * L1/L2 as in amx_qk). All four: every q k product is then exact in fp32 as in the FMA kernel;
+ * without Ql Kl a score is off by up to ~2^-18 |q||k|, which the float32 S_dmask and lse checks
+ * see (d = 1, window: 2.2e-5 against S_dmask's 1e-5). */
 static void amx_qk3(const uint16_t *Kb, const uint16_t *Kl, const uint16_t *Qs, const uint16_t *Qsl,
                     int64_t nd, int64_t kb0, int64_t nc, int64_t ngroups, float *S)
 {
@@ -252,6 +256,12 @@ static void amx_qk3(const uint16_t *Kb, const uint16_t *Kl, const uint16_t *Qs, 
                 _tile_loadd(4, r0 + dc * 512, 64);
                 _tile_loadd(5, r1 + dc * 512, 64);
                 _tile_dpbf16ps(0, 4, 6); /* Ql Kh */
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+                _tile_loadd(6, l0 + dc * 512, 64);
+                _tile_loadd(7, l1 + dc * 512, 64);
+                _tile_dpbf16ps(0, 4, 6); /* Ql Kl */
                 _tile_dpbf16ps(1, 4, 7);
                 _tile_dpbf16ps(2, 5, 6);
                 _tile_dpbf16ps(3, 5, 7);
