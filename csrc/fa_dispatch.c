@@ -36,7 +36,7 @@ static const fa_isa_table tables[FA_ISA_COUNT] = {
                        {fa_fwd_f64__avx512_item, fa_fwd_f64__avx512_scratch, FA_FWD_BLOCK_ROWS},
                        .fwd_decode = {fa_decode__avx512_item, fa_decode__avx512_scratch,
                                       FA_DECODE_ROWS, .all_heads = 1}},
-    /* AMX: bf16 inputs on the tile unit; every other dtype on the AVX-512 kernels. */
+    /* AMX: bf16 and f16 inputs on the tile unit; f32/f64 on the AVX-512 kernels. */
     [FA_ISA_AMX] = {"amx",
                     {fa_fwd_f32__avx512_item, fa_fwd_f32__avx512_scratch, FA_FWD_F32_AVX512_ROWS,
                      fa_fwd_f32__avx512_pack_bytes, fa_fwd_f32__avx512_pack},

@@ -90,8 +90,8 @@ static const fa_fwd_kernel *kernel_for(const fa_fwd_params *p)
     if (t->fwd_decode.item && decode_fits(p))
         return &t->fwd_decode;
     return p->dtype == FA_F64                         ? &t->fwd_f64
-           : p->dtype == FA_BF16 && t->fwd_bf16.item ? &t->fwd_bf16
-                                                     : &t->fwd_f32;
+           : (p->dtype == FA_BF16 || p->dtype == FA_F16) && t->fwd_bf16.item ? &t->fwd_bf16
+                                                                             : &t->fwd_f32;
 }
 
 /* Heads per work item's head loop: all of them in one item, or one item per head. */

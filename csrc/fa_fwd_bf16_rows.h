@@ -33,6 +33,7 @@
 typedef struct {
     float *S;               /* BR x FA_ROWS_SLD: scores of the block, then final scores x */
     uint16_t *P;            /* (BR / 16) x FA_ROWS_NKC bf16 A tiles of P */
+    uint16_t *Pl;           /* NULL, or (f16 inputs) the same tiles of P - bf16(P): P to 16 bits */
     float *m, *l, *alpha;   /* running max, running sum, last rescale (per sub-block row) */
     float *mu;              /* the block's shift: m, or 0 for a row that saw only -inf */
     float *rmax, *rsum;     /* per-row block max and block sum */
@@ -42,6 +43,17 @@ typedef struct {
 INL uint16_t *p_row(const fa_rows *w, int64_t r, int64_t kc)
 {
     return w->P + ((r / 16) * FA_ROWS_NKC + kc) * 512 + (r % 16) * 32;
+}
+
+INL uint16_t *pl_row(const fa_rows *w, int64_t r, int64_t kc)
+{
+    return w->Pl + ((r / 16) * FA_ROWS_NKC + kc) * 512 + (r % 16) * 32;
+}
+
+/* 16 bf16 values (as bits) to float32, exactly. */
+INL __m512 bf16_to_ps(__m256i h)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 INL __mmask16 tail16(int64_t n)
@@ -205,14 +217,24 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
             }
             s0 = _mm512_add_ps(s0, e0);
             s1 = _mm512_add_ps(s1, e1);
-            _mm512_storeu_si512(p_row(w, r, kc), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+            const __m512i ph = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+            _mm512_storeu_si512(p_row(w, r, kc), ph);
+            if (w->Pl) { /* the remainders, exact in fp32 (a flushed denormal lo is < 2^-126) */
+                const __m512 h0 = bf16_to_ps(_mm512_castsi512_si256(ph));
+                const __m512 h1 = bf16_to_ps(_mm512_extracti64x4_epi64(ph, 1));
+                _mm512_storeu_si512(pl_row(w, r, kc), (__m512i)_mm512_cvtne2ps_pbh(
+                                                          _mm512_sub_ps(e1, h1), _mm512_sub_ps(e0, h0)));
+            }
         }
         w->rsum[r] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
     }
     for (int64_t r = nr; r < ngroups * 16; r++) {
         w->rsum[r] = 0;
-        for (int64_t kc = 0; kc < nkc; kc++)
+        for (int64_t kc = 0; kc < nkc; kc++) {
             _mm512_storeu_si512(p_row(w, r, kc), _mm512_setzero_si512());
+            if (w->Pl)
+                _mm512_storeu_si512(pl_row(w, r, kc), _mm512_setzero_si512());
+        }
     }
     for (int64_t g = 0; g < ngroups; g++) {
         /* the block's sum joins the running sum once (two-level summation) */
@@ -238,8 +260,11 @@ static void rows_dropout(const fa_fwd_params *p, const fa_seq *s, int64_t h, int
             fa_dropout_draw4(p->seed, p->offset, bh, (uint64_t)(q0 + r), (uint64_t)(j4 >> 2), rnd);
             for (int t = 0; t < 4; t++) {
                 const int64_t j = j4 + t;
-                if (j >= j0 && j < j1 && (uint64_t)rnd[t] < thr)
+                if (j >= j0 && j < j1 && (uint64_t)rnd[t] < thr) {
                     p_row(w, r, (j - kb0) / 32)[(j - kb0) % 32] = 0;
+                    if (w->Pl)
+                        pl_row(w, r, (j - kb0) / 32)[(j - kb0) % 32] = 0;
+                }
             }
         }
     }

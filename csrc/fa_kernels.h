@@ -43,9 +43,10 @@ typedef struct {
 
 typedef struct {
     const char *name;
-    fa_fwd_kernel fwd_f32;  /* f32, f16 inputs, and bf16 where fwd_bf16 is empty */
+    fa_fwd_kernel fwd_f32;  /* f32 inputs, and f16/bf16 where fwd_bf16 is empty */
     fa_fwd_kernel fwd_f64;  /* f64 inputs */
-    fa_fwd_kernel fwd_bf16; /* bf16 inputs (AMX); empty: fwd_f32 serves them */
+    fa_fwd_kernel fwd_bf16; /* bf16 and f16 inputs (AMX, f16 split into bf16 hi + lo); empty:
+                               fwd_f32 serves them */
     fa_fwd_kernel fwd_decode; /* few query rows, f32/f16/bf16 (fa_driver.c decides); may be empty */
 } fa_isa_table;
 

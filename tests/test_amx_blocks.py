@@ -1,7 +1,8 @@
 """Shapes around the AMX bf16 forward kernel's blocking (fa_fwd_bf16__amx.c): 256-key blocks,
 64-query sub-blocks and 256-query items, head dims that are not multiples of 32, GQA, bands whose
 edges fall inside a block, and the output paths with and without S_dmask. Run on every ISA (the
-isa fixture); on the others they are more coverage of the same contract."""
+isa fixture); on the others they are more coverage of the same contract. float16 runs the same
+kernel on bf16 hi/lo splits of Q, K, V and P: every case runs in both dtypes."""
 import zlib
 
 import numpy as np
@@ -25,12 +26,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("dt", ["bf16", "f16"])
 @pytest.mark.parametrize("sq,sk,d,h,hk,feat,probs", CASES)
-def test_amx_block_edges(isa, sq, sk, d, h, hk, feat, probs):
+def test_amx_block_edges(isa, sq, sk, d, h, hk, feat, probs, dt):
     if isa == "scalar" and d * sq * sk > 64 * 300 * 300:
         pytest.skip("large case: covered by the SIMD families; scalar is the slow oracle")
     rng = np.random.default_rng(zlib.crc32(f"{sq}{sk}{d}{h}{hk}{feat}".encode()))
-    q, k, v = inputs(rng, 2, sq, sk, h, hk, d, "bf16")
+    q, k, v = inputs(rng, 2, sq, sk, h, hk, d, dt)
     scale = d ** -0.5 * (3.0 if "softcap" in feat else 1.0)
     kw = dict(scale=scale)
     args = dict(softmax_scale=scale, return_attn_probs=True)
@@ -47,7 +49,7 @@ def test_amx_block_edges(isa, sq, sk, d, h, hk, feat, probs):
         kw["dropout_p"] = args["dropout_p"] = 0.17
     if probs:
         out, lse, sd = fa.flash_attn_func(q, k, v, **args)
-        check((out, lse, sd), q, k, v, "bf16", cache_key=("amxb", sq, sk, d, h, hk, feat), **kw)
+        check((out, lse, sd), q, k, v, dt, cache_key=("amxb", dt, sq, sk, d, h, hk, feat), **kw)
     else:
         args["return_attn_probs"] = False
         out = fa.flash_attn_func(q, k, v, **args)
@@ -55,4 +57,4 @@ def test_amx_block_edges(isa, sq, sk, d, h, hk, feat, probs):
         # lse from a second call (with probabilities); out of the first one checked on its own
         args["return_attn_probs"] = True
         _, lse, _ = fa.flash_attn_func(q, k, v, **args)
-        check((out, lse, None), q, k, v, "bf16", cache_key=("amxb", sq, sk, d, h, hk, feat), **kw)
+        check((out, lse, None), q, k, v, dt, cache_key=("amxb", dt, sq, sk, d, h, hk, feat), **kw)
