@@ -29,4 +29,23 @@ static inline void fa_amx_configure(void)
     _tile_loadconfig(&c);
 }
 
+/* The 2x2 C-tile step both kernels use: C tiles 0-3 (+)= A tiles 4-5 x B tiles 6-7 (each A tile
+ * feeds two products, each B tile two). Tile numbers must be compile-time constants, hence fixed
+ * registers and always-inline helpers. */
+static inline __attribute__((always_inline)) void fa_amx_zero2x2(void)
+{
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
+
+static inline __attribute__((always_inline)) void fa_amx_dp2x2(void)
+{
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+}
+
 #endif

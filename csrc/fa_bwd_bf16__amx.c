@@ -188,20 +188,14 @@ INL void tile_gemm(int acc, int64_t mt, int64_t nt, int64_t ks, const uint16_t *
                 _tile_loadd(2, c + cm, cld);
                 _tile_loadd(3, c + cm + cn, cld);
             } else {
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
+                fa_amx_zero2x2();
             }
             for (int64_t k = 0; k < ks; k++) {
                 _tile_loadd(4, A + m * am + k * ak, ald);
                 _tile_loadd(5, A + (m + 1) * am + k * ak, ald);
                 _tile_loadd(6, B + k * bk + n * bn, bld);
                 _tile_loadd(7, B + k * bk + (n + 1) * bn, bld);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                fa_amx_dp2x2();
             }
             _tile_stored(0, c, cld);
             _tile_stored(1, c + cn, cld);

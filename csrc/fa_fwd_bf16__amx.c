@@ -185,6 +185,15 @@ void fa_fwd_bf16__amx_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, void 
 
 /* ---- AMX ------------------------------------------------------------------------------------- */
 
+/* C tiles 0-3 (fa_amx.h's 2x2 step) to the 32 x 32 fp32 block at c, row stride ld floats. */
+static inline __attribute__((always_inline)) void store2x2(float *c, int64_t ld)
+{
+    _tile_stored(0, c, ld * 4);
+    _tile_stored(1, c + 16, ld * 4);
+    _tile_stored(2, c + 16 * ld, ld * 4);
+    _tile_stored(3, c + 16 * ld + 16, ld * 4);
+}
+
 /* S[0 .. 16 ngroups)[0 .. round32(nc)) = Q K^T for keys kb0.. of sub-block Qs. Tiles: C 0-3,
  * A (Q) 4-5, B (K) 6-7. Key tile pair outer, query pair inner: the K pair is read from L2 once
  * and again from L1 for the second query pair; Q stays in L1. */
@@ -196,25 +205,16 @@ static void amx_qk(const uint16_t *Kb, const uint16_t *Qs, int64_t nd, int64_t k
         const uint16_t *k0 = Kb + (kb0 / 16 + kg) * nd * 512, *k1 = k0 + nd * 512;
         for (int64_t qg = 0; qg < ngroups; qg += 2) {
             const uint16_t *q0 = Qs + qg * nd * 512, *q1 = q0 + nd * 512;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            fa_amx_zero2x2();
             for (int64_t dc = 0; dc < nd; dc++) {
                 _tile_loadd(4, q0 + dc * 512, 64);
                 _tile_loadd(5, q1 + dc * 512, 64);
                 _tile_loadd(6, k0 + dc * 512, 64);
                 _tile_loadd(7, k1 + dc * 512, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                fa_amx_dp2x2();
             }
             float *c = S + qg * 16 * FA_ROWS_SLD + kg * 16;
-            _tile_stored(0, c, FA_ROWS_SLD * 4);
-            _tile_stored(1, c + 16, FA_ROWS_SLD * 4);
-            _tile_stored(2, c + 16 * FA_ROWS_SLD, FA_ROWS_SLD * 4);
-            _tile_stored(3, c + 16 * FA_ROWS_SLD + 16, FA_ROWS_SLD * 4);
+            store2x2(c, FA_ROWS_SLD);
         }
     }
 }
@@ -234,43 +234,25 @@ static void amx_qk3(const uint16_t *Kb, const uint16_t *Kl, const uint16_t *Qs, 
         for (int64_t qg = 0; qg < ngroups; qg += 2) {
             const uint16_t *q0 = Qs + qg * nd * 512, *q1 = q0 + nd * 512;
             const uint16_t *r0 = Qsl + qg * nd * 512, *r1 = r0 + nd * 512;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            fa_amx_zero2x2();
             for (int64_t dc = 0; dc < nd; dc++) {
                 _tile_loadd(4, q0 + dc * 512, 64);
                 _tile_loadd(5, q1 + dc * 512, 64);
                 _tile_loadd(6, l0 + dc * 512, 64);
                 _tile_loadd(7, l1 + dc * 512, 64);
-                _tile_dpbf16ps(0, 4, 6); /* Qh Kl */
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                fa_amx_dp2x2(); /* Qh Kl */
                 _tile_loadd(6, k0 + dc * 512, 64);
                 _tile_loadd(7, k1 + dc * 512, 64);
-                _tile_dpbf16ps(0, 4, 6); /* Qh Kh */
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                fa_amx_dp2x2(); /* Qh Kh */
                 _tile_loadd(4, r0 + dc * 512, 64);
                 _tile_loadd(5, r1 + dc * 512, 64);
-                _tile_dpbf16ps(0, 4, 6); /* Ql Kh */
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                fa_amx_dp2x2(); /* Ql Kh */
                 _tile_loadd(6, l0 + dc * 512, 64);
                 _tile_loadd(7, l1 + dc * 512, 64);
-                _tile_dpbf16ps(0, 4, 6); /* Ql Kl */
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                fa_amx_dp2x2(); /* Ql Kl */
             }
             float *c = S + qg * 16 * FA_ROWS_SLD + kg * 16;
-            _tile_stored(0, c, FA_ROWS_SLD * 4);
-            _tile_stored(1, c + 16, FA_ROWS_SLD * 4);
-            _tile_stored(2, c + 16 * FA_ROWS_SLD, FA_ROWS_SLD * 4);
-            _tile_stored(3, c + 16 * FA_ROWS_SLD + 16, FA_ROWS_SLD * 4);
+            store2x2(c, FA_ROWS_SLD);
         }
     }
 }
@@ -287,25 +269,16 @@ static void amx_pv(const uint16_t *Vb, int64_t d32, int64_t kb0, int64_t nc, int
         const uint16_t *p0 = P + qg * NKC * 512, *p1 = p0 + NKC * 512;
         for (int64_t dg = 0; dg < nd16; dg += 2) {
             const uint16_t *v0 = vblk + dg * 512, *v1 = v0 + 512;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            fa_amx_zero2x2();
             for (int64_t kc = 0; kc < nkc; kc++) {
                 _tile_loadd(4, p0 + kc * 512, 64);
                 _tile_loadd(5, p1 + kc * 512, 64);
                 _tile_loadd(6, v0 + kc * nd16 * 512, 64);
                 _tile_loadd(7, v1 + kc * nd16 * 512, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                fa_amx_dp2x2();
             }
             float *c = Ob + qg * 16 * ldo + dg * 16;
-            _tile_stored(0, c, ldo * 4);
-            _tile_stored(1, c + 16, ldo * 4);
-            _tile_stored(2, c + 16 * ldo, ldo * 4);
-            _tile_stored(3, c + 16 * ldo + 16, ldo * 4);
+            store2x2(c, ldo);
         }
     }
 }
@@ -322,37 +295,22 @@ static void amx_pv3(const uint16_t *Vb, const uint16_t *Vl, int64_t d32, int64_t
         for (int64_t dg = 0; dg < nd16; dg += 2) {
             const uint16_t *v0 = Vb + vo + dg * 512, *v1 = v0 + 512;
             const uint16_t *u0 = Vl + vo + dg * 512, *u1 = u0 + 512;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            fa_amx_zero2x2();
             for (int64_t kc = 0; kc < nkc; kc++) {
                 _tile_loadd(4, p0 + kc * 512, 64);
                 _tile_loadd(5, p1 + kc * 512, 64);
                 _tile_loadd(6, u0 + kc * nd16 * 512, 64);
                 _tile_loadd(7, u1 + kc * nd16 * 512, 64);
-                _tile_dpbf16ps(0, 4, 6); /* Ph Vl */
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                fa_amx_dp2x2(); /* Ph Vl */
                 _tile_loadd(6, v0 + kc * nd16 * 512, 64);
                 _tile_loadd(7, v1 + kc * nd16 * 512, 64);
-                _tile_dpbf16ps(0, 4, 6); /* Ph Vh */
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                fa_amx_dp2x2(); /* Ph Vh */
                 _tile_loadd(4, r0 + kc * 512, 64);
                 _tile_loadd(5, r1 + kc * 512, 64);
-                _tile_dpbf16ps(0, 4, 6); /* Pl Vh */
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                fa_amx_dp2x2(); /* Pl Vh */
             }
             float *c = Ob + qg * 16 * ldo + dg * 16;
-            _tile_stored(0, c, ldo * 4);
-            _tile_stored(1, c + 16, ldo * 4);
-            _tile_stored(2, c + 16 * ldo, ldo * 4);
-            _tile_stored(3, c + 16 * ldo + 16, ldo * 4);
+            store2x2(c, ldo);
         }
     }
 }
