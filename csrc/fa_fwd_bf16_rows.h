@@ -248,23 +248,25 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
 }
 
 /* Zeroes the dropped entries of P for rows [0, nr) within their visible columns (the same draws
- * as every other kernel: one Philox call per 4 keys of a row). */
+ * as every other kernel, 64 keys of a row per vectorized Philox call, fa_philox_avx512.h): each
+ * 32-key P tile row is masked with its keep bits at once; outside the band P is 0 already. */
 static void rows_dropout(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
                          int64_t nr, int64_t kb0, const fa_rows *w, uint64_t thr)
 {
     const uint64_t bh = (uint64_t)(s->bi * p->h + h);
     for (int64_t r = 0; r < nr; r++) {
-        const int64_t j0 = kb0 + w->c0[r], j1 = kb0 + w->c1[r];
-        for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
-            uint32_t rnd[4];
-            fa_dropout_draw4(p->seed, p->offset, bh, (uint64_t)(q0 + r), (uint64_t)(j4 >> 2), rnd);
-            for (int t = 0; t < 4; t++) {
-                const int64_t j = j4 + t;
-                if (j >= j0 && j < j1 && (uint64_t)rnd[t] < thr) {
-                    p_row(w, r, (j - kb0) / 32)[(j - kb0) % 32] = 0;
-                    if (w->Pl)
-                        pl_row(w, r, (j - kb0) / 32)[(j - kb0) % 32] = 0;
-                }
+        const int64_t c0 = w->c0[r], c1 = w->c1[r];
+        if (c0 >= c1)
+            continue;
+        uint64_t bits[FA_ROWS_BN / 64 + 2] = {0};
+        fa_keep_row_bits(p->seed, p->offset, bh, (uint64_t)(q0 + r), kb0, c0, c1, thr, bits);
+        for (int64_t kc = c0 / 32; kc * 32 < c1; kc++) {
+            const __mmask32 keep = (__mmask32)(bits[kc / 2] >> (32 * (kc % 2)));
+            uint16_t *ph = p_row(w, r, kc);
+            _mm512_storeu_si512(ph, _mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(ph)));
+            if (w->Pl) {
+                uint16_t *pl = pl_row(w, r, kc);
+                _mm512_storeu_si512(pl, _mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(pl)));
             }
         }
     }
