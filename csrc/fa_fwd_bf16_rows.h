@@ -156,10 +156,133 @@ static void rows_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int6
     }
 }
 
+/* ---- exp for P ------------------------------------------------------------------------------ */
+
+/* 2^t = 2^n p(r) with n = round(t) (nearest even) and r = t - n in [-1/2, 1/2], both from one
+ * vreduceps (AVX512DQ: r = t - round(t), exact) and n = t - r (exact). Where exp2_clamped needs
+ * a clamp and the 1.5 * 2^23 add/subtract (four uops) this takes two, and it needs no clamp:
+ * t = -inf gives r = 0, n = -inf and vscalefps(p, -inf) = 0 exactly; t far below -150 gives 0 as
+ * well; NaN stays NaN (it poisons the row through the sum). For every t the same n and r as
+ * exp2_clamped (which rounds to nearest even as well; below its -200 clamp both give 0). */
+INL __m512 exp2_split(__m512 t, __m512 *n)
+{
+    const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    *n = _mm512_sub_ps(t, r);
+    return r;
+}
+
+/* exp2_clamped's degree-6 polynomial on the split above: bit-identical results (max relative
+ * error 9.7e-8, see fa_fwd_avx512_lanes.h); for float16 inputs, whose P keeps 16 bits and whose
+ * errors stay those of the float32 path. */
+INL __m512 exp2_p6(__m512 t)
+{
+    __m512 n, r = exp2_split(t, &n);
+    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* The same with a degree-5 polynomial, for bfloat16 inputs: P enters P V rounded to bf16
+ * (relative 2^-9), so only the row sum l (lse, checked to 2e-5 and used by the backward to
+ * recompute P) needs more. Coefficients: relative-error minimax on [-1/2, 1/2] (Lawson-weighted
+ * least squares) with each coefficient rounded to float32 in turn and the rest refitted, the
+ * constant fixed at 1 (so r = 0, the row maximum, gives exactly 1). Max relative error of p(r)
+ * against 2^r over every float32 r in [-1/2, 1/2], float32 Horner with FMA: 1.6e-7 (9.3e-8 of it
+ * the approximation), checked exhaustively in double; vscalefps is exact in the normal range. */
+INL __m512 exp2_p5(__m512 t)
+{
+    __m512 n, r = exp2_split(t, &n);
+    __m512 y = _mm512_set1_ps(1.3269406044855714e-03f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6712941303849220e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5507112294435500e-02f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022246897220612e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314700365066530e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* |mu| bound below which the exponent is taken in one FMA, t = x (sx log2 e) - mu log2 e. Its
+ * error against (x sx - mu) log2 e: the two rounded constants and the FMA give
+ * |dt| <= 2^-24 (log2 e (|x sx| + |mu|) + |t|), and |x sx| <= |mu| + |t| ln 2 for a score below
+ * the row max, so |dt| <= 2^-24 (2.89 |mu| + 2 |t|): P = 2^t is off by at most
+ * 2^-24 ln 2 (2.89 |mu| + 2 |t|) 2^t <= 2^-24 (2 |mu| + 0.74) absolute (2^t |t| <= 0.53), P's max
+ * being 1; at |mu| = 8 that is 1.0e-6 of the max and at most 1.0e-6 relative on the row sum l
+ * (lse: 1e-6 absolute, checked to 2e-5). Rows with a larger |mu| (large scores, the NPU mask
+ * fill -1e12 where mu log2 e rounds by 65536) keep the exact bracket (one more multiply). */
+#define FA_ROWS_FUSED_MU 8.0f
+
+enum { EXP_F16, EXP_BRACKET, EXP_FUSED };
+
+/* P (and Pl) of the 32 keys of chunk kc of row r from their scores x; the band mask is applied
+ * only where `masked` (edge chunks), interior chunks take no mask work at all. `mode` and
+ * `masked` are constants at every call, so each variant compiles to its own loop body. */
+INL void chunk_exp(fa_rows *w, int64_t r, const float *x, int64_t kc, int64_t c0, int64_t c1,
+                   __m512 vsx, __m512 nmu, __m512 a, __m512 b, __m512 *s0, __m512 *s1, int mode,
+                   int masked)
+{
+    const int64_t j = kc * 32;
+    const __mmask16 t0 = masked ? band16(j, c0, c1) : 0xffff, t1 = masked ? band16(j + 16, c0, c1) : 0xffff;
+    const __m512 x0 = masked ? _mm512_maskz_loadu_ps(t0, x + j) : _mm512_loadu_ps(x + j);
+    const __m512 x1 = masked ? _mm512_maskz_loadu_ps(t1, x + j + 16) : _mm512_loadu_ps(x + j + 16);
+    __m512 e0, e1;
+    if (mode == EXP_FUSED) {
+        e0 = exp2_p5(_mm512_fmadd_ps(x0, a, b));
+        e1 = exp2_p5(_mm512_fmadd_ps(x1, a, b));
+    } else {
+        /* (x sx - mu) with one rounding, then to base 2 */
+        const __m512 l2e = _mm512_set1_ps(LOG2E);
+        const __m512 u0 = _mm512_mul_ps(_mm512_fmadd_ps(x0, vsx, nmu), l2e);
+        const __m512 u1 = _mm512_mul_ps(_mm512_fmadd_ps(x1, vsx, nmu), l2e);
+        e0 = mode == EXP_F16 ? exp2_p6(u0) : exp2_p5(u0);
+        e1 = mode == EXP_F16 ? exp2_p6(u1) : exp2_p5(u1);
+    }
+    if (masked) { /* columns outside the band or past the block: P = 0 */
+        e0 = _mm512_maskz_mov_ps(t0, e0);
+        e1 = _mm512_maskz_mov_ps(t1, e1);
+    }
+    *s0 = _mm512_add_ps(*s0, e0);
+    *s1 = _mm512_add_ps(*s1, e1);
+    const __m512i ph = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+    _mm512_storeu_si512(p_row(w, r, kc), ph);
+    if (mode == EXP_F16) { /* the remainders, exact in fp32 (a flushed denormal lo is < 2^-126) */
+        const __m512 h0 = bf16_to_ps(_mm512_castsi512_si256(ph));
+        const __m512 h1 = bf16_to_ps(_mm512_extracti64x4_epi64(ph, 1));
+        _mm512_storeu_si512(pl_row(w, r, kc),
+                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(e1, h1), _mm512_sub_ps(e0, h0)));
+    }
+}
+
+/* P (and Pl) of row r, chunks [0, nkc), from its scores x and shift mu; returns the row sum of P.
+ * Chunks wholly inside the band [c0, c1) run unmasked. */
+INL float row_exp(fa_rows *w, int64_t r, const float *x, int64_t c0, int64_t c1, int64_t nkc,
+                  float sx, float mu, int mode)
+{
+    const __m512 vsx = _mm512_set1_ps(sx), nmu = _mm512_set1_ps(-mu);
+    const __m512 a = _mm512_set1_ps(sx * LOG2E), b = _mm512_set1_ps(-mu * LOG2E);
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t ka = (c0 + 31) / 32, kb = c1 / 32; /* interior chunks [ka, kb) */
+    ka = ka < nkc ? ka : nkc;
+    kb = kb > ka ? kb : ka;
+    int64_t kc = 0;
+    for (; kc < ka; kc++)
+        chunk_exp(w, r, x, kc, c0, c1, vsx, nmu, a, b, &s0, &s1, mode, 1);
+    for (; kc < kb; kc++)
+        chunk_exp(w, r, x, kc, c0, c1, vsx, nmu, a, b, &s0, &s1, mode, 0);
+    for (; kc < nkc; kc++)
+        chunk_exp(w, r, x, kc, c0, c1, vsx, nmu, a, b, &s0, &s1, mode, 1);
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
 /* Online softmax of rows [0, nr) over their visible columns [c0, c1) of the block: updates m, l,
  * sets alpha and writes P (bf16 A tiles; columns outside the band up to round32(nc) and rows
  * nr..ngroups*16 zero). `sx` multiplies the stored values to give final scores: the scale on
- * raw scores (no features, scale > 0), else 1. */
+ * raw scores (no features, scale > 0), else 1. Row by row, max pass then exp pass, so the exp
+ * pass reads the row (1 KiB) from L1: the 70 KiB score block itself does not fit there. */
 static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, float sx)
 {
     const int64_t nkc = (nc + 31) / 32;
@@ -180,55 +303,27 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
         }
         for (; j < c1; j += 16)
             a = _mm512_mask_max_ps(a, tail16(c1 - j), _mm512_loadu_ps(x + j), a);
-        w->rmax[r] = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
-    }
-    for (int64_t r = nr; r < ngroups * 16; r++)
-        w->rmax[r] = -INFINITY;
-    const __m512 vsx = _mm512_set1_ps(sx);
-    for (int64_t g = 0; g < ngroups; g++) {
-        const __m512 m_old = _mm512_loadu_ps(w->m + g * 16);
-        /* maxps returns its second operand when either is NaN: a NaN running max stays NaN (a NaN
+        const float rmax = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+        /* maxss returns its second operand when either is NaN: a NaN running max stays NaN (a NaN
          * block max is caught through the row sum below). */
-        const __m512 mx = _mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(w->rmax + g * 16), vsx), m_old);
+        const float m_old = w->m[r];
+        const float mx = _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(rmax * sx), _mm_set_ss(m_old)));
         /* A row that has seen nothing but -inf keeps m = -inf; shifting by 0 instead keeps its
          * exponentials at exactly 0 (and alpha = 0 on the all-zero accumulator). */
-        const __mmask16 none = _mm512_cmpeq_ps_mask(mx, _mm512_set1_ps(-INFINITY));
-        const __m512 mu = _mm512_mask_blend_ps(none, mx, _mm512_setzero_ps());
-        _mm512_storeu_ps(w->mu + g * 16, mu);
-        _mm512_storeu_ps(w->alpha + g * 16, exp_diff(m_old, mu));
-        _mm512_storeu_ps(w->m + g * 16, mx);
+        const float mu = mx == -INFINITY ? 0.0f : mx;
+        w->mu[r] = mu;
+        w->alpha[r] = m_old; /* turned into exp(m_old - mu) per group below */
+        w->m[r] = mx;
+        if (w->Pl)
+            w->rsum[r] = row_exp(w, r, x, c0, c1, nkc, sx, mu, EXP_F16);
+        else if (fabsf(mu) <= FA_ROWS_FUSED_MU)
+            w->rsum[r] = row_exp(w, r, x, c0, c1, nkc, sx, mu, EXP_FUSED);
+        else
+            w->rsum[r] = row_exp(w, r, x, c0, c1, nkc, sx, mu, EXP_BRACKET);
     }
-    const __m512 l2e = _mm512_set1_ps(LOG2E);
-    for (int64_t r = 0; r < nr; r++) {
-        const float *x = w->S + r * FA_ROWS_SLD;
-        const __m512 nmu = _mm512_set1_ps(-w->mu[r]);
-        const int64_t c0 = w->c0[r], c1 = w->c1[r];
-        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-        for (int64_t kc = 0; kc < nkc; kc++) {
-            const int64_t j = kc * 32;
-            const __mmask16 t0 = band16(j, c0, c1), t1 = band16(j + 16, c0, c1);
-            const __m512 x0 = _mm512_maskz_loadu_ps(t0, x + j), x1 = _mm512_maskz_loadu_ps(t1, x + j + 16);
-            /* (x sx - mu) with one rounding, then to base 2 */
-            __m512 e0 = exp2_clamped(_mm512_mul_ps(_mm512_fmadd_ps(x0, vsx, nmu), l2e));
-            __m512 e1 = exp2_clamped(_mm512_mul_ps(_mm512_fmadd_ps(x1, vsx, nmu), l2e));
-            if (j < c0 || j + 32 > c1) { /* columns outside the band or past the block: P = 0 */
-                e0 = _mm512_maskz_mov_ps(t0, e0);
-                e1 = _mm512_maskz_mov_ps(t1, e1);
-            }
-            s0 = _mm512_add_ps(s0, e0);
-            s1 = _mm512_add_ps(s1, e1);
-            const __m512i ph = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
-            _mm512_storeu_si512(p_row(w, r, kc), ph);
-            if (w->Pl) { /* the remainders, exact in fp32 (a flushed denormal lo is < 2^-126) */
-                const __m512 h0 = bf16_to_ps(_mm512_castsi512_si256(ph));
-                const __m512 h1 = bf16_to_ps(_mm512_extracti64x4_epi64(ph, 1));
-                _mm512_storeu_si512(pl_row(w, r, kc), (__m512i)_mm512_cvtne2ps_pbh(
-                                                          _mm512_sub_ps(e1, h1), _mm512_sub_ps(e0, h0)));
-            }
-        }
-        w->rsum[r] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    }
-    for (int64_t r = nr; r < ngroups * 16; r++) {
+    for (int64_t r = nr; r < ngroups * 16; r++) { /* padding rows: m stays -inf */
+        w->mu[r] = 0;
+        w->alpha[r] = w->m[r];
         w->rsum[r] = 0;
         for (int64_t kc = 0; kc < nkc; kc++) {
             _mm512_storeu_si512(p_row(w, r, kc), _mm512_setzero_si512());
@@ -237,8 +332,10 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
         }
     }
     for (int64_t g = 0; g < ngroups; g++) {
+        const __m512 alpha = exp_diff(_mm512_loadu_ps(w->alpha + g * 16), _mm512_loadu_ps(w->mu + g * 16));
+        _mm512_storeu_ps(w->alpha + g * 16, alpha);
         /* the block's sum joins the running sum once (two-level summation) */
-        const __m512 l = _mm512_fmadd_ps(_mm512_loadu_ps(w->l + g * 16), _mm512_loadu_ps(w->alpha + g * 16),
+        const __m512 l = _mm512_fmadd_ps(_mm512_loadu_ps(w->l + g * 16), alpha,
                                          _mm512_loadu_ps(w->rsum + g * 16));
         _mm512_storeu_ps(w->l + g * 16, l);
         /* a NaN score gives a NaN sum: the row's max becomes NaN too (NaN input poisons the row) */
