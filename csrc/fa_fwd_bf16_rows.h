@@ -278,32 +278,43 @@ INL float row_exp(fa_rows *w, int64_t r, const float *x, int64_t c0, int64_t c1,
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
+/* Maximum of row r's scores over its visible columns [c0, c1) (the band of a block that is
+ * otherwise plain costs no extra pass); -inf for an empty band. */
+INL float row_max(const fa_rows *w, int64_t r)
+{
+    const float *x = w->S + r * FA_ROWS_SLD;
+    const int64_t c0 = w->c0[r], c1 = w->c1[r];
+    __m512 a = _mm512_set1_ps(-INFINITY), b = a;
+    int64_t j = c0 & ~(int64_t)15;
+    if (j < c0) {
+        a = _mm512_mask_max_ps(a, band16(j, c0, c1), _mm512_loadu_ps(x + j), a);
+        j += 16;
+    }
+    for (; j + 32 <= c1; j += 32) {
+        a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);
+        b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
+    }
+    for (; j < c1; j += 16)
+        a = _mm512_mask_max_ps(a, tail16(c1 - j), _mm512_loadu_ps(x + j), a);
+    return _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+}
+
 /* Online softmax of rows [0, nr) over their visible columns [c0, c1) of the block: updates m, l,
  * sets alpha and writes P (bf16 A tiles; columns outside the band up to round32(nc) and rows
  * nr..ngroups*16 zero). `sx` multiplies the stored values to give final scores: the scale on
- * raw scores (no features, scale > 0), else 1. Row by row, max pass then exp pass, so the exp
- * pass reads the row (1 KiB) from L1: the 70 KiB score block itself does not fit there. */
+ * raw scores (no features, scale > 0), else 1. Row by row, so the exp pass reads its row (1 KiB)
+ * from L1 (the 70 KiB score block does not fit there), with the max pass one row ahead: row r's
+ * exponentials never wait for the horizontal max reduction of their own row. */
 static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, float sx)
 {
     const int64_t nkc = (nc + 31) / 32;
+    float rmax_next = nr > 0 ? row_max(w, 0) : 0;
     for (int64_t r = 0; r < nr; r++) {
-        /* only the row's visible columns [c0, c1): the band of a block that is otherwise plain
-         * costs no extra pass */
         const float *x = w->S + r * FA_ROWS_SLD;
         const int64_t c0 = w->c0[r], c1 = w->c1[r];
-        __m512 a = _mm512_set1_ps(-INFINITY), b = a;
-        int64_t j = c0 & ~(int64_t)15;
-        if (j < c0) {
-            a = _mm512_mask_max_ps(a, band16(j, c0, c1), _mm512_loadu_ps(x + j), a);
-            j += 16;
-        }
-        for (; j + 32 <= c1; j += 32) {
-            a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);
-            b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
-        }
-        for (; j < c1; j += 16)
-            a = _mm512_mask_max_ps(a, tail16(c1 - j), _mm512_loadu_ps(x + j), a);
-        const float rmax = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+        const float rmax = rmax_next;
+        if (r + 1 < nr)
+            rmax_next = row_max(w, r + 1);
         /* maxss returns its second operand when either is NaN: a NaN running max stays NaN (a NaN
          * block max is caught through the row sum below). */
         const float m_old = w->m[r];
