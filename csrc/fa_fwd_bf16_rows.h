@@ -7,10 +7,13 @@
  * bf16 P in the A-tile layout of the P.V product (tile (query group g, key chunk c) = 16 rows of
  * 32 keys, a contiguous 1 KiB), so P is never stored as float32.
  *
- * exp: exp2_clamped of fa_fwd_avx512_lanes.h (the same function as the FMA kernel), of
- * t = (x sx - m) log2 e, the bracket in one FMA (one rounding, where the lanes kernel rounds
- * x sx first). Only the columns [c0, c1) of a row's band enter its max and sum (P = 0
- * elsewhere), so a band edge needs no extra pass. Without softcap, alibi, pse or mask, sx is the
+ * exp of P (below, "exp for P"): float16 inputs (P kept to 16 bits) get exactly the values of
+ * exp2_clamped of fa_fwd_avx512_lanes.h (the FMA kernel's), of t = (x sx - m) log2 e with the
+ * bracket in one FMA (one rounding, where the lanes kernel rounds x sx first), on a cheaper
+ * exponent split; bfloat16 inputs (P rounded to bf16) a degree-5 exp (1.7e-7) and, for rows with
+ * a small shift, t in one FMA. The running max/sum updates (alpha) keep exp2_clamped.
+ * Only the columns [c0, c1) of a row's band enter its max and sum (P = 0 elsewhere), so a band
+ * edge needs no extra pass. Without softcap, alibi, pse or mask, sx is the
  * scale and x the raw score, so no pass rewrites S; the row max is then taken on raw scores
  * (scale > 0 keeps the order). Otherwise the block is first turned into final scores in place
  * (rows_scores) and sx = 1.
@@ -230,7 +233,8 @@ INL void chunk_exp(fa_rows *w, int64_t r, const float *x, int64_t kc, int64_t c0
                    int masked)
 {
     const int64_t j = kc * 32;
-    const __mmask16 t0 = masked ? band16(j, c0, c1) : 0xffff, t1 = masked ? band16(j + 16, c0, c1) : 0xffff;
+    const __mmask16 t0 = masked ? band16(j, c0, c1) : 0xffff;
+    const __mmask16 t1 = masked ? band16(j + 16, c0, c1) : 0xffff;
     const __m512 x0 = masked ? _mm512_maskz_loadu_ps(t0, x + j) : _mm512_loadu_ps(x + j);
     const __m512 x1 = masked ? _mm512_maskz_loadu_ps(t1, x + j + 16) : _mm512_loadu_ps(x + j + 16);
     __m512 e0, e1;
@@ -256,8 +260,9 @@ INL void chunk_exp(fa_rows *w, int64_t r, const float *x, int64_t kc, int64_t c0
     if (mode == EXP_F16) { /* the remainders, exact in fp32 (a flushed denormal lo is < 2^-126) */
         const __m512 h0 = bf16_to_ps(_mm512_castsi512_si256(ph));
         const __m512 h1 = bf16_to_ps(_mm512_extracti64x4_epi64(ph, 1));
-        _mm512_storeu_si512(pl_row(w, r, kc),
-                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(e1, h1), _mm512_sub_ps(e0, h0)));
+        const __m512 l0 = _mm512_sub_ps(e0, h0), l1 = _mm512_sub_ps(e1, h1);
+        const __m512i pl = (__m512i)_mm512_cvtne2ps_pbh(l1, l0);
+        _mm512_storeu_si512(pl_row(w, r, kc), pl);
     }
 }
 
@@ -347,7 +352,8 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
         }
     }
     for (int64_t g = 0; g < ngroups; g++) {
-        const __m512 alpha = exp_diff(_mm512_loadu_ps(w->alpha + g * 16), _mm512_loadu_ps(w->mu + g * 16));
+        const __m512 m_old = _mm512_loadu_ps(w->alpha + g * 16);
+        const __m512 alpha = exp_diff(m_old, _mm512_loadu_ps(w->mu + g * 16));
         _mm512_storeu_ps(w->alpha + g * 16, alpha);
         /* the block's sum joins the running sum once (two-level summation) */
         const __m512 l = _mm512_fmadd_ps(_mm512_loadu_ps(w->l + g * 16), alpha,
