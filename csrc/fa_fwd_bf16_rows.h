@@ -218,9 +218,11 @@ INL __m512 exp2_p5(__m512 t)
  * |dt| <= 2^-24 (log2 e (|x sx| + |mu|) + |t|), and |x sx| <= |mu| + |t| ln 2 for a score below
  * the row max, so |dt| <= 2^-24 (2.89 |mu| + 2 |t|): P = 2^t is off by at most
  * 2^-24 ln 2 (2.89 |mu| + 2 |t|) 2^t <= 2^-24 (2 |mu| + 0.74) absolute (2^t |t| <= 0.53), P's max
- * being 1; at |mu| = 8 that is 1.0e-6 of the max and at most 1.0e-6 relative on the row sum l
- * (lse: 1e-6 absolute, checked to 2e-5). Rows with a larger |mu| (large scores, the NPU mask
- * fill -1e12 where mu log2 e rounds by 65536) keep the exact bracket (one more multiply). */
+ * being 1: 1.0e-6 of the max at |mu| = 8. On the row sum l the relative error is at most
+ * 2^-24 (2 |mu| + 1.39 T), T the P-weighted mean of |t| (below ~log2 of the key count; the
+ * |t| part is there in the exact bracket too): 1.6e-6 at |mu| = 8 and 16K keys, so lse moves by
+ * ~1e-6 against its 2e-5 check. Rows with a larger |mu| (large scores, the NPU mask fill -1e12
+ * where mu log2 e rounds by 65536) keep the exact bracket (one more multiply). */
 #define FA_ROWS_FUSED_MU 8.0f
 
 enum { EXP_F16, EXP_BRACKET, EXP_FUSED };
