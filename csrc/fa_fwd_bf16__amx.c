@@ -133,7 +133,15 @@ void fa_fwd_bf16__amx_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, void 
                                            16, 0);
     uint16_t rows[16 * 128] __attribute__((aligned(64))); /* 16 keys x one 128-dim slice of K */
     uint16_t rowl[16 * 128] __attribute__((aligned(64))); /* f16: the lo halves of rows */
-    memset(dst, 0, fa_fwd_bf16__amx_pack_bytes(p, s.sk));
+    /* Zero only what the loops below leave unwritten (keys past the last 16-key K group, the
+     * last partial 32-key V chunk and the padding chunks after it): a memset of the whole copy
+     * doubled the pack's stores. */
+    const int64_t kfull = (s.sk + 15) / 16 * 16, v0 = s.sk / 32;
+    for (int part = 0; part < (split ? 2 : 1); part++) {
+        uint16_t *K = part ? Kl : Kb, *V = part ? Vl : Vb;
+        memset(K + (kfull / 16) * nd * 512, 0, (size_t)((skp - kfull) / 16 * nd * 512) * 2);
+        memset(V + v0 * nd16 * 512, 0, (size_t)((skp / 32 - v0) * nd16 * 512) * 2);
+    }
     /* K: 16 keys at a time; within a 32-dim chunk a tile is the 16 x 16 transpose of the keys'
      * 32-bit dim pairs. */
     for (int64_t j0 = 0; j0 < s.sk; j0 += 16) {
