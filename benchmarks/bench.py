@@ -123,6 +123,12 @@ def load_libraries(threads):
     global np, fa, torch, F, BF16, testing
     if threads:
         os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+    # OpenBLAS's idle worker threads busy-wait 2^28 cycles (~0.13 s of CPU here, measured) after
+    # every BLAS call: after each naive run they would spin through the next timed call (ours,
+    # in the round order ours, torch, naive) and take one of the two CPUs from it. The shortest
+    # timeout (2^4 cycles) parks them at once; the OpenMP pools of torch and of flash_attn_c spin
+    # ~10 ms each after a call, alike for both.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     import numpy
     import ml_dtypes
     np = numpy
