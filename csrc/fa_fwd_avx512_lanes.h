@@ -237,10 +237,10 @@ static void finish_row(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64
 /* ---- scores --------------------------------------------------------------------------------- */
 
 /* Turns S^T[0..nc) of the block (keys kb0..) into final scores x in place: pse, scale, softcap,
- * alibi, band (-inf outside [c0, c1) of each query) and the explicit mask. `plain` means none of
- * these apply to any lane, leaving only the scale. */
+ * alibi, band (-inf outside [c0, c1) of each query) and the explicit mask. (A plain block, where
+ * only the scale applies, gets it as its tiles are stored: fa_fwd_f32__avx512.c.) */
 static void block_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
-                         int64_t nrows, int64_t kb0, int64_t nc, int plain, fa_lanes *w)
+                         int64_t nrows, int64_t kb0, int64_t nc, fa_lanes *w)
 {
     float *ST = w->ST;
     if (p->pse && !p->pse_after_scale) {
@@ -251,13 +251,6 @@ static void block_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int
         }
     }
     const __m512 scale = _mm512_set1_ps((float)p->scale);
-    if (plain) {
-        for (int64_t j = 0; j < nc; j++)
-            for (int v = 0; v < NQV; v++)
-                _mm512_store_ps(ST + j * BR + v * 16,
-                                _mm512_mul_ps(_mm512_load_ps(ST + j * BR + v * 16), scale));
-        return;
-    }
     const int softcap = p->softcap > 0, alibi = p->alibi != NULL;
     const __m512 cap = _mm512_set1_ps((float)p->softcap);
     const __m512 inv_cap = _mm512_set1_ps((float)(1.0 / p->softcap));
@@ -302,15 +295,21 @@ static void block_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int
     }
 }
 
-/* Online softmax over the block's nc key rows: updates m, l, sets alpha, turns x into P^T. */
-static void block_softmax(fa_lanes *w, int64_t nc)
+/* Online softmax over the block's nc key rows: updates m, l, sets alpha, turns x into P^T.
+ * bmax/bnan: the block's per-lane max and NaN lanes when the caller took them already (else
+ * NULL: a max pass over x here). */
+static void block_softmax(fa_lanes *w, int64_t nc, const __m512 *bmax, const __mmask16 *bnan)
 {
     float *ST = w->ST;
     for (int v = 0; v < NQV; v++) {
         const __m512 m_old = _mm512_load_ps(w->m + v * 16);
         __m512 mx = m_old;
         __mmask16 nan = 0;
-        for (int64_t j = 0; j < nc; j++) {
+        if (bmax) {
+            mx = _mm512_max_ps(bmax[v], m_old); /* a NaN m_old stays NaN (second operand) */
+            nan = bnan[v];
+        }
+        for (int64_t j = 0; !bmax && j < nc; j++) {
             const __m512 x = _mm512_load_ps(ST + j * BR + v * 16);
             mx = _mm512_max_ps(x, mx);
             nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
@@ -376,24 +375,27 @@ static void block_dropout(const fa_fwd_params *p, const fa_seq *s, int64_t h, in
     }
 }
 
-/* Per-row visible columns of block [kb0, kb0 + nc); returns 1 if every real row sees it all. */
+/* Per-row visible columns of block [kb0, kb0 + nc); returns 1 if every real row sees it all.
+ * Eight rows per step in 64-bit lanes (it runs once per sub-block and key block: scalar, it was
+ * ~1% of the FMA kernel). Rows past nrows get the empty band [0, 0). */
 static int block_band(fa_lanes *w, int64_t nrows, int64_t kb0, int64_t nc)
 {
-    int full = 1;
-    for (int64_t r = 0; r < BR; r++) {
-        int64_t a = 0, b = 0;
-        if (r < nrows) {
-            a = w->lo[r] - kb0, b = w->hi[r] - kb0;
-            a = a < 0 ? 0 : a > nc ? nc : a;
-            b = b < 0 ? 0 : b > nc ? nc : b;
-            if (b < a)
-                b = a;
-            full &= a == 0 && b == nc;
-        }
-        w->c0[r] = (int32_t)a;
-        w->c1[r] = (int32_t)b;
+    const __m512i k0 = _mm512_set1_epi64(kb0), n = _mm512_set1_epi64(nc), zero = _mm512_setzero_si512();
+    __mmask8 partial = 0;
+    for (int64_t r = 0; r < BR; r += 8) {
+        const __mmask8 real = r >= nrows ? (__mmask8)0
+                              : nrows - r >= 8 ? (__mmask8)0xFF
+                                               : (__mmask8)((1u << (nrows - r)) - 1);
+        __m512i a = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(real, w->lo + r), k0);
+        __m512i b = _mm512_sub_epi64(_mm512_maskz_loadu_epi64(real, w->hi + r), k0);
+        a = _mm512_maskz_mov_epi64(real, _mm512_min_epi64(_mm512_max_epi64(a, zero), n));
+        b = _mm512_maskz_mov_epi64(real, _mm512_min_epi64(_mm512_max_epi64(b, zero), n));
+        b = _mm512_max_epi64(a, b);
+        partial |= real & (_mm512_cmpneq_epi64_mask(a, zero) | _mm512_cmpneq_epi64_mask(b, n));
+        _mm256_storeu_si256((__m256i *)(w->c0 + r), _mm512_cvtepi64_epi32(a));
+        _mm256_storeu_si256((__m256i *)(w->c1 + r), _mm512_cvtepi64_epi32(b));
     }
-    return full;
+    return partial == 0;
 }
 
 /* Writes the normalized probabilities of one sub-block x key block (scores already in ST) into

@@ -88,10 +88,20 @@ size_t fa_fwd_f32__avx512_scratch(const fa_fwd_params *p) { return scratch_size(
 
 /* ---- micro-kernels -------------------------------------------------------------------------- */
 
+/* Running per-lane statistics of a plain block while its tiles are stored: the block max and
+ * the lanes that saw a NaN (block_softmax then skips its max pass). */
+typedef struct {
+    __m512 scale;
+    __m512 max[NQV];
+    __mmask16 nan[NQV];
+} fused_max;
+
 /* S^T[j0 + r][0..BR) = K[j0 + r] . Q^T for r < MR: MR x NQV accumulators (24 at MR = 6, which
- * leaves registers for the 4 Q^T vectors; 10 loads feed 24 FMAs). */
+ * leaves registers for the 4 Q^T vectors; 10 loads feed 24 FMAs). With fm, the tile is stored
+ * scaled (the scores of a plain block, as block_scores would make them) and its first nvalid
+ * rows join fm's max. */
 INL void qk_tile(const int MR, const float *restrict QT, const float *const *kp, int64_t d,
-                 float *restrict ST)
+                 float *restrict ST, fused_max *fm, int nvalid)
 {
     __m512 acc[QK_MR][NQV];
     const float *kr[QK_MR];
@@ -115,11 +125,26 @@ INL void qk_tile(const int MR, const float *restrict QT, const float *const *kp,
                 acc[r][v] = _mm512_fmadd_ps(b, q[v], acc[r][v]);
         }
     }
+    if (!fm) {
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; r++)
+        for (int r = 0; r < MR; r++)
 #pragma GCC unroll 16
-        for (int v = 0; v < NQV; v++)
-            _mm512_store_ps(ST + r * BR + v * 16, acc[r][v]);
+            for (int v = 0; v < NQV; v++)
+                _mm512_store_ps(ST + r * BR + v * 16, acc[r][v]);
+        return;
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; r++) {
+#pragma GCC unroll 16
+        for (int v = 0; v < NQV; v++) {
+            const __m512 x = _mm512_mul_ps(acc[r][v], fm->scale);
+            _mm512_store_ps(ST + r * BR + v * 16, x);
+            if (r < nvalid) { /* rows past the block end hold the zero key's scores */
+                fm->max[v] = _mm512_max_ps(x, fm->max[v]);
+                fm->nan[v] |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+            }
+        }
+    }
 }
 
 /* O[r][c-vectors] = alpha_r O[r][..] + sum_j P^T[j][r] V[j][..] for MR rows and NR vectors of
@@ -172,17 +197,18 @@ static inline void prefetch_rows(const work *w, int64_t j0, int64_t j1)
 }
 
 /* S^T for keys [0, nc) of the block: kp holds the row pointers, padded with zero rows. With
- * `pf` set, also prefetches the next block's rows. */
-static void gemm_qk(const work *w, int64_t d, int64_t nc, int pf)
+ * `pf` set, also prefetches the next block's rows; with fm, stores final scores of a plain block
+ * and takes their max (see qk_tile). */
+static void gemm_qk(const work *w, int64_t d, int64_t nc, int pf, fused_max *fm)
 {
     int64_t j = 0;
     for (; j + QK_MR <= nc; j += QK_MR) {
         if (pf)
             prefetch_rows(w, j, j + QK_MR);
-        qk_tile(QK_MR, w->QT, w->kp + j, d, w->ln.ST + j * BR);
+        qk_tile(QK_MR, w->QT, w->kp + j, d, w->ln.ST + j * BR, fm, QK_MR);
     }
     for (; j < nc; j += 4)
-        qk_tile(4, w->QT, w->kp + j, d, w->ln.ST + j * BR);
+        qk_tile(4, w->QT, w->kp + j, d, w->ln.ST + j * BR, fm, (int)(nc - j));
     if (pf)
         prefetch_rows(w, nc / QK_MR * QK_MR, BC);
 }
@@ -346,10 +372,21 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
              * masked for all its rows: leave them out instead. */
             const int64_t ncs = smax[sb] - kb0 < nc ? smax[sb] - kb0 : nc;
             const int full = block_band(&v.ln, nr, kb0, ncs);
-            gemm_qk(&v, d, ncs, !pf_done);
+            if (full && !featured) {
+                /* plain block: scale and block max taken as the tiles are stored, so neither
+                 * block_scores nor the max pass of block_softmax reads S^T again */
+                fused_max fm;
+                fm.scale = _mm512_set1_ps((float)p->scale);
+                for (int q = 0; q < NQV; q++)
+                    fm.max[q] = _mm512_set1_ps(-INFINITY), fm.nan[q] = 0;
+                gemm_qk(&v, d, ncs, !pf_done, &fm);
+                block_softmax(&v.ln, ncs, fm.max, fm.nan);
+            } else {
+                gemm_qk(&v, d, ncs, !pf_done, NULL);
+                block_scores(p, &s, h, qs, nr, kb0, ncs, &v.ln);
+                block_softmax(&v.ln, ncs, NULL, NULL);
+            }
             pf_done = 1;
-            block_scores(p, &s, h, qs, nr, kb0, ncs, full && !featured, &v.ln);
-            block_softmax(&v.ln, ncs);
             if (has_drop)
                 block_dropout(p, &s, h, qs, nr, kb0, &v.ln, v.ln.ST, thr);
             gemm_pv(&v, d, ncs, (nr + 3) / 4 * 4);
@@ -375,8 +412,8 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
                 const int64_t qs = q0 + sb * BR;
                 const int64_t nr = nrows - sb * BR < BR ? nrows - sb * BR : BR;
                 block_band(&v.ln, nr, kb0, nc);
-                gemm_qk(&v, d, nc, 0);
-                block_scores(p, &s, h, qs, nr, kb0, nc, 0, &v.ln);
+                gemm_qk(&v, d, nc, 0, NULL);
+                block_scores(p, &s, h, qs, nr, kb0, nc, &v.ln);
                 s_dmask_block(p, &s, h, qs, nr, kb0, nc, has_drop, thr, &v.ln);
             }
         }
