@@ -33,6 +33,18 @@
 
 /* ---- exp ------------------------------------------------------------------------------------ */
 
+/* 2^r for |r| <= 1/2: the degree-6 polynomial of exp2_clamped below (Horner, float32 FMA). */
+INL __m512 exp2_poly6(__m512 r)
+{
+    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
+    return _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+}
+
 /* 2^t for t <= ~0 (clamped at -200, where the result underflows to 0 anyway), as 2^n p(t - n)
  * with n = round(t) and a degree-6 polynomial on [-1/2, 1/2]. n is taken by adding and subtracting
  * 1.5 * 2^23 (exact and round-to-nearest-even for |t| <= 2^22, which the clamp and t <= ~0
@@ -44,15 +56,7 @@ INL __m512 exp2_clamped(__m512 t)
     const __m512 magic = _mm512_set1_ps(12582912.0f);
     t = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);
     __m512 n = _mm512_sub_ps(_mm512_add_ps(t, magic), magic);
-    __m512 r = _mm512_sub_ps(t, n);
-    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
+    return _mm512_scalef_ps(exp2_poly6(_mm512_sub_ps(t, n)), n);
 }
 
 /* e^(x - m) for x <= m (x = -inf gives 0). */

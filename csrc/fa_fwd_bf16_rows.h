@@ -180,14 +180,7 @@ INL __m512 exp2_split(__m512 t, __m512 *n)
 INL __m512 exp2_p6(__m512 t)
 {
     __m512 n, r = exp2_split(t, &n);
-    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
+    return _mm512_scalef_ps(exp2_poly6(r), n);
 }
 
 /* 2^t for bfloat16 inputs, where P enters P V rounded to bf16 (relative 2^-9), so only the row

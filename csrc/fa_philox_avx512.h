@@ -49,19 +49,23 @@ static inline __attribute__((always_inline)) void fa_philox16(__m512i c[4], uint
     }
 }
 
+/* The 64-bit values base + l, l = 0..15, as their low and high 32-bit words (lane l): a wrap of
+ * the low word carries into the high one. */
+static inline __attribute__((always_inline)) void fa_iota64(uint64_t base, __m512i *lo, __m512i *hi)
+{
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i h = _mm512_set1_epi32((int)(uint32_t)(base >> 32));
+    *lo = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)base), iota);
+    *hi = _mm512_mask_add_epi32(h, _mm512_cmplt_epu32_mask(*lo, iota), h, _mm512_set1_epi32(1));
+}
+
 /* Keep masks of columns 4 col4 + t (t = 0..3, mask t) for query rows row0 .. row0 + 15 (bit l =
  * row row0 + l), with fa_dropout_draw4's counter (col4, row, batch * heads + head, offset). */
 static inline void fa_keep_rows16(uint64_t seed, uint64_t offset, uint64_t bh, uint64_t row0,
                                   uint64_t col4, uint64_t thr, __mmask16 keep[4])
 {
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    /* the 64-bit rows row0 + l: low words, and the carry into the high word where they wrap */
-    const __m512i rlo = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)row0), iota);
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(rlo, iota);
-    const __m512i rhi = _mm512_mask_add_epi32(_mm512_set1_epi32((int)(uint32_t)(row0 >> 32)), carry,
-                                              _mm512_set1_epi32((int)(uint32_t)(row0 >> 32)),
-                                              _mm512_set1_epi32(1));
-    __m512i c[4];
+    __m512i rlo, rhi, c[4]; /* the rows row0 + l */
+    fa_iota64(row0, &rlo, &rhi);
     c[0] = _mm512_set1_epi32((int)(uint32_t)col4);
     c[1] = _mm512_xor_si512(rlo, _mm512_set1_epi32((int)(uint32_t)(col4 >> 32)));
     c[2] = _mm512_xor_si512(_mm512_set1_epi32((int)(uint32_t)bh), rhi);
@@ -87,14 +91,8 @@ static inline uint64_t fa_spread4(uint64_t m)
 static inline uint64_t fa_keep_cols64(uint64_t seed, uint64_t offset, uint64_t bh, uint64_t row,
                                       uint64_t col4, uint64_t thr)
 {
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    /* the 64-bit column groups col4 + l: low words, and the carry into the high word */
-    const __m512i glo = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)col4), iota);
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(glo, iota);
-    const __m512i ghi = _mm512_mask_add_epi32(_mm512_set1_epi32((int)(uint32_t)(col4 >> 32)), carry,
-                                              _mm512_set1_epi32((int)(uint32_t)(col4 >> 32)),
-                                              _mm512_set1_epi32(1));
-    __m512i c[4];
+    __m512i glo, ghi, c[4]; /* the column groups col4 + l */
+    fa_iota64(col4, &glo, &ghi);
     c[0] = glo;
     c[1] = _mm512_xor_si512(_mm512_set1_epi32((int)(uint32_t)row), ghi);
     c[2] = _mm512_set1_epi32((int)((uint32_t)bh ^ (uint32_t)(row >> 32)));
