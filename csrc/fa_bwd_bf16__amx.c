@@ -43,6 +43,10 @@
 #define PIECE(bytes) ((((size_t)(bytes)) + 63) / 64 * 64)
 #define INL static inline __attribute__((always_inline))
 
+/* Key blocks per group (see dkdv): T3 bf16 backward 1 thread KG 1/2/4/8 = 1.00/1.24/1.37/1.36x
+ * the speed of KG 1 (NOTES.md "bfloat16/float32 backward at long S"). */
+#define KG 4
+
 _Static_assert(AR % 32 == 0 && AK % 32 == 0, "blocks are whole 2x2 tile steps");
 
 /* ---- workspace ---------------------------------------------------------------------------------- */
@@ -82,7 +86,7 @@ INL float *dq_block(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t c, int6
 /* ---- scratch ------------------------------------------------------------------------------------ */
 
 typedef struct {
-    float *dKT, *dVT;         /* d32 x AK: dK^T, dV^T of the key block */
+    float *dKT, *dVT;         /* KG x d32 x AK: dK^T, dV^T of the group's key blocks */
     float *S, *dP;            /* AR x AK: scores -> P z r; dO V^T -> dX */
     uint16_t *Pv, *dSv, *dSr; /* bf16: P and dX in query pairs [AR/2][AK][2]; dX rows [AR][AK] */
     float *G, *Z, *stat;      /* AK, AK, 3 x AR (m, il, D) */
@@ -92,7 +96,7 @@ typedef struct {
 size_t fa_bwd_bf16__amx_scratch(const fa_bwd_params *p)
 {
     const int64_t d32 = D32(p->f.d);
-    return 2 * PIECE(d32 * AK * 4) + 2 * PIECE(AR * AK * 4) + 3 * PIECE(AR * AK * 2) +
+    return 2 * PIECE(KG * d32 * AK * 4) + 2 * PIECE(AR * AK * 4) + 3 * PIECE(AR * AK * 2) +
            2 * PIECE(AK * 4) + PIECE(3 * AR * 4) + 2 * PIECE(AR * 8);
 }
 
@@ -101,8 +105,8 @@ static scratch carve(void *buf, int64_t d)
     const int64_t d32 = D32(d);
     char *q = (char *)buf;
     scratch w;
-    w.dKT = (float *)q, q += PIECE(d32 * AK * 4);
-    w.dVT = (float *)q, q += PIECE(d32 * AK * 4);
+    w.dKT = (float *)q, q += PIECE(KG * d32 * AK * 4);
+    w.dVT = (float *)q, q += PIECE(KG * d32 * AK * 4);
     w.S = (float *)q, q += PIECE(AR * AK * 4);
     w.dP = (float *)q, q += PIECE(AR * AK * 4);
     w.Pv = (uint16_t *)q, q += PIECE(AR * AK * 2);
@@ -227,12 +231,67 @@ static void pack_rows(const float *X, uint16_t *dst)
 
 /* ---- dK/dV (and dQ partials): one chunk of key blocks of one (batch, kv head) ------------------- */
 
+/* One (query block, key block) step: S, dP, bw_row, then dV^T, dK^T (the key block's scratch
+ * accumulators dKT, dVT) and the query block's dQ partial sums dQb. w->stat, w->lo, w->hi hold the
+ * query block's rows. */
+static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_t h, int64_t q0,
+                     int64_t nr, const uint16_t *Q, const uint16_t *dO, float *dQb, int64_t k0,
+                     int64_t nc, const uint16_t *Kd, const uint16_t *Vd, const uint16_t *Kk,
+                     float *dKT, float *dVT, scratch *w, uint64_t thr)
+{
+    const int64_t d32 = D32(p->f.d), nd = d32 / 16;
+    const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
+    /* S = Q K^T, dP = dO V^T */
+    tile_gemm(0, AR / 16, AK / 16, d32 / 32, Q, 16 * d32, 32, d32 * 2, Kd, 32 * AK, 32, AK * 4, w->S,
+              16 * AK, 16, AK * 4);
+    tile_gemm(0, AR / 16, AK / 16, d32 / 32, dO, 16 * d32, 32, d32 * 2, Vd, 32 * AK, 32, AK * 4,
+              w->dP, 16 * AK, 16, AK * 4);
+    /* Rows past nr and keys past nc (zero padding) come out as P = 0, dX = 0. */
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t c0 = (w->lo[r] > k0 ? w->lo[r] : k0) - k0;
+        const int64_t c1 = (w->hi[r] < k0 + nc ? w->hi[r] : k0 + nc) - k0;
+        bw_row(p, s, h, q0 + r, k0, AK, c0, c1, w->stat[r], w->stat[AR + r], w->stat[2 * AR + r],
+               w->S + r * AK, w->dP + r * AK, w->G, w->Z, thr);
+    }
+    memset(w->S + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
+    memset(w->dP + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
+    pack_pairs(w->S, w->Pv);
+    pack_pairs(w->dP, w->dSv);
+    pack_rows(w->dP, w->dSr);
+    /* dV^T += dO^T P, dK^T += Q^T dX */
+    tile_gemm(1, nd, AK / 16, AR / 32, dOT, 16 * 32, 32 * d32, 64, w->Pv, 32 * AK, 32, AK * 4, dVT,
+              16 * AK, 16, AK * 4);
+    tile_gemm(1, nd, AK / 16, AR / 32, QT, 16 * 32, 32 * d32, 64, w->dSv, 32 * AK, 32, AK * 4, dKT,
+              16 * AK, 16, AK * 4);
+    /* dQ += dX K into the chunk's partial sums */
+    tile_gemm(1, AR / 16, nd, AK / 32, w->dSr, 16 * AK, 32, AK * 2, Kk, 32 * d32, 32, d32 * 4, dQb,
+              16 * d32, 16, d32 * 4);
+    if (p->dpse) {
+        float *dpse = (float *)p->dpse;
+        for (int64_t r = 0; r < nr; r++) {
+            float *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
+            const float *x = w->dP + r * AK;
+            for (int64_t c = 0; c < nc; c++)
+                row[(k0 + c) * p->dpse_sc] += x[c];
+        }
+    }
+}
+
+/* Whether any of the nr rows' bands reaches keys [k0, k1). */
+static int amx_reach(const int64_t *lo, const int64_t *hi, int64_t nr, int64_t k0, int64_t k1)
+{
+    int any = 0;
+    for (int64_t r = 0; r < nr; r++)
+        any |= lo[r] < hi[r] && lo[r] < k1 && hi[r] > k0;
+    return any;
+}
+
 fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                                 int64_t hk, int64_t chunk, void *buf)
 {
     const fa_fwd_params *f = &p->f;
     const fa_seq s = fa_seq_of(f, bi);
-    const int64_t d = f->d, d32 = D32(d), G = f->h / f->hk, nd = d32 / 16;
+    const int64_t d = f->d, d32 = D32(d), G = f->h / f->hk;
     const uint64_t thr = fa_dropout_threshold(f->dropout_p);
     scratch w = carve(buf, d);
 
@@ -241,76 +300,66 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
     for (int64_t g = 0; g < G && nqb > 0; g++)
         memset(dq_block(p, ws, chunk, bi, hk * G + g, 0), 0, (size_t)(nqb * AR * d32) * 4);
 
+    /* The chunk's key blocks k0 = (chunk + t nch) AK go in groups of KG consecutive ones (in t), and
+     * each query block meets the group's blocks back to back: its Q, dO (rows and transposes) and
+     * dQ partial block, which stream from L3 or memory when a head's rows exceed L2, are fetched
+     * once per group instead of once per key block, while the group's K/V blocks and dK^T/dV^T
+     * accumulators stay in L2. The summation order is the per-block one (each dK/dV block over
+     * (g, q0) in order, each dQ partial over the chunk's key blocks in order): results do not
+     * change with KG. */
+    const int64_t step = ws->nch * AK, kslab = AK * d32;
     fa_amx_configure();
-    for (int64_t k0 = chunk * AK; k0 < s.sk; k0 += ws->nch * AK) {
-        const int64_t nc = s.sk - k0 < AK ? s.sk - k0 : AK;
-        const uint16_t *Kd = kblock(p, ws, ws->Kt, bi, hk, k0), *Vd = kblock(p, ws, ws->Vt, bi, hk, k0);
-        const uint16_t *Kk = kblock(p, ws, ws->Kr, bi, hk, k0);
-        memset(w.dKT, 0, (size_t)(d32 * AK) * 4);
-        memset(w.dVT, 0, (size_t)(d32 * AK) * 4);
+    for (int64_t kg = chunk * AK; kg < s.sk; kg += KG * step) {
+        int64_t nb = 0;
+        while (nb < KG && kg + nb * step < s.sk)
+            nb++;
+        memset(w.dKT, 0, (size_t)(nb * kslab) * 4);
+        memset(w.dVT, 0, (size_t)(nb * kslab) * 4);
+        const int64_t klast = kg + (nb - 1) * step;
+        const int64_t kend = klast + (s.sk - klast < AK ? s.sk - klast : AK);
 
         for (int64_t g = 0; g < G; g++) {
             const int64_t h = hk * G + g;
             for (int64_t q0 = 0; q0 < s.sq; q0 += AR) {
                 const int64_t nr = s.sq - q0 < AR ? s.sq - q0 : AR;
-                if (!bw_bands(p, &s, q0, nr, k0, k0 + nc, w.lo, w.hi))
+                /* A superset test over the group's span (other chunks' blocks included); each
+                 * block is tested below. */
+                if (!bw_bands(p, &s, q0, nr, kg, kend, w.lo, w.hi))
                     continue;
                 const uint16_t *Q = qblock(p, ws, ws->Q, bi, h, q0), *dO = qblock(p, ws, ws->dO, bi, h, q0);
-                const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
+                float *dQb = dq_block(p, ws, chunk, bi, h, q0);
                 for (int64_t r = 0; r < nr; r++) {
                     const int64_t at = bw_ws_at(p, ws, &s, h, q0 + r);
                     w.stat[r] = ((const float *)ws->m)[at];
                     w.stat[AR + r] = ((const float *)ws->il)[at];
                     w.stat[2 * AR + r] = ((const float *)ws->D)[at];
                 }
-                /* S = Q K^T, dP = dO V^T */
-                tile_gemm(0, AR / 16, AK / 16, d32 / 32, Q, 16 * d32, 32, d32 * 2, Kd, 32 * AK, 32,
-                          AK * 4, w.S, 16 * AK, 16, AK * 4);
-                tile_gemm(0, AR / 16, AK / 16, d32 / 32, dO, 16 * d32, 32, d32 * 2, Vd, 32 * AK, 32,
-                          AK * 4, w.dP, 16 * AK, 16, AK * 4);
-                /* Rows past nr and keys past nc (zero padding) come out as P = 0, dX = 0. */
-                for (int64_t r = 0; r < nr; r++) {
-                    const int64_t c0 = (w.lo[r] > k0 ? w.lo[r] : k0) - k0;
-                    const int64_t c1 = (w.hi[r] < k0 + nc ? w.hi[r] : k0 + nc) - k0;
-                    bw_row(p, &s, h, q0 + r, k0, AK, c0, c1, w.stat[r], w.stat[AR + r],
-                           w.stat[2 * AR + r], w.S + r * AK, w.dP + r * AK, w.G, w.Z, thr);
-                }
-                memset(w.S + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
-                memset(w.dP + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
-                pack_pairs(w.S, w.Pv);
-                pack_pairs(w.dP, w.dSv);
-                pack_rows(w.dP, w.dSr);
-                /* dV^T += dO^T P, dK^T += Q^T dX */
-                tile_gemm(1, nd, AK / 16, AR / 32, dOT, 16 * 32, 32 * d32, 64, w.Pv, 32 * AK, 32,
-                          AK * 4, w.dVT, 16 * AK, 16, AK * 4);
-                tile_gemm(1, nd, AK / 16, AR / 32, QT, 16 * 32, 32 * d32, 64, w.dSv, 32 * AK, 32,
-                          AK * 4, w.dKT, 16 * AK, 16, AK * 4);
-                /* dQ += dX K into the chunk's partial sums */
-                tile_gemm(1, AR / 16, nd, AK / 32, w.dSr, 16 * AK, 32, AK * 2, Kk, 32 * d32, 32,
-                          d32 * 4, dq_block(p, ws, chunk, bi, h, q0), 16 * d32, 16, d32 * 4);
-                if (p->dpse) {
-                    float *dpse = (float *)p->dpse;
-                    for (int64_t r = 0; r < nr; r++) {
-                        float *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
-                        const float *x = w.dP + r * AK;
-                        for (int64_t c = 0; c < nc; c++)
-                            row[(k0 + c) * p->dpse_sc] += x[c];
-                    }
+                for (int64_t t = 0; t < nb; t++) {
+                    const int64_t k0 = kg + t * step, nc = s.sk - k0 < AK ? s.sk - k0 : AK;
+                    if (!amx_reach(w.lo, w.hi, nr, k0, k0 + nc))
+                        continue;
+                    amx_step(p, &s, bi, h, q0, nr, Q, dO, dQb, k0, nc, kblock(p, ws, ws->Kt, bi, hk, k0),
+                             kblock(p, ws, ws->Vt, bi, hk, k0), kblock(p, ws, ws->Kr, bi, hk, k0),
+                             w.dKT + t * kslab, w.dVT + t * kslab, &w, thr);
                 }
             }
         }
 
         float *row = w.S; /* free now: one gradient row */
-        for (int64_t c = 0; c < nc; c++) {
-            const int64_t phys = s.k_row0 + k0 + c;
-            for (int64_t k = 0; k < d; k++)
-                row[k] = w.dKT[k * AK + c];
-            bw_store(FA_BF16, row, d,
-                     (uint16_t *)p->dk + s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh);
-            for (int64_t k = 0; k < d; k++)
-                row[k] = w.dVT[k * AK + c];
-            bw_store(FA_BF16, row, d,
-                     (uint16_t *)p->dv + s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh);
+        for (int64_t t = 0; t < nb; t++) {
+            const int64_t k0 = kg + t * step, nc = s.sk - k0 < AK ? s.sk - k0 : AK;
+            const float *dKT = w.dKT + t * kslab, *dVT = w.dVT + t * kslab;
+            for (int64_t c = 0; c < nc; c++) {
+                const int64_t phys = s.k_row0 + k0 + c;
+                for (int64_t k = 0; k < d; k++)
+                    row[k] = dKT[k * AK + c];
+                bw_store(FA_BF16, row, d,
+                         (uint16_t *)p->dk + s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh);
+                for (int64_t k = 0; k < d; k++)
+                    row[k] = dVT[k * AK + c];
+                bw_store(FA_BF16, row, d,
+                         (uint16_t *)p->dv + s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh);
+            }
         }
     }
     _tile_release();
