@@ -15,6 +15,10 @@
  *   dQ  [AR x d]  += dX . K              A = dX rows (bf16), B = K in VNNI pairs over keys
  * Computing dV^T and dK^T (rather than dV, dK) puts P and dX in the B slot, where the VNNI pair
  * layout is two consecutive rows interleaved; dK/dV are transposed once per key block when stored.
+ * Blocks are AR = 128 query rows by AK = 64 keys, and key blocks go in groups of KG (dkdv): every
+ * fp32 C tile of dK^T/dV^T is loaded and stored once per AR/32 = 4 k steps, every dQ C tile once
+ * per group (up to KG * AK/32 = 8 k steps), and a query block's operands (Q, dO, their transposes
+ * and its dQ partial block, which stream from L3 or memory at long S) are fetched once per group.
  *
  * Workspace (own layout, fa_bwd_bf16__amx_ws_sizes; d32 = d rounded up to 32, padding zero):
  *   Q, dO  [h][qblocks] blocks of AR rows: rows [AR][d32], then transposed [AR/32][d32][32]
@@ -88,7 +92,7 @@ INL float *dq_block(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t c, int6
 typedef struct {
     float *dKT, *dVT;         /* KG x d32 x AK: dK^T, dV^T of the group's key blocks */
     float *S, *dP;            /* AR x AK: scores -> P z r; dO V^T -> dX */
-    uint16_t *Pv, *dSv, *dSr; /* bf16: P and dX in query pairs [AR/2][AK][2]; dX rows [AR][AK] */
+    uint16_t *Pv, *dSv, *dSr; /* bf16: P and dX in query pairs [AR/2][AK][2]; KG x dX rows [AR][AK] */
     float *G, *Z, *stat;      /* AK, AK, 3 x AR (m, il, D) */
     int64_t *lo, *hi;         /* AR: each row's band */
 } scratch;
@@ -96,7 +100,7 @@ typedef struct {
 size_t fa_bwd_bf16__amx_scratch(const fa_bwd_params *p)
 {
     const int64_t d32 = D32(p->f.d);
-    return 2 * PIECE(KG * d32 * AK * 4) + 2 * PIECE(AR * AK * 4) + 3 * PIECE(AR * AK * 2) +
+    return 2 * PIECE(KG * d32 * AK * 4) + 2 * PIECE(AR * AK * 4) + 2 * PIECE(AR * AK * 2) + PIECE(KG * AR * AK * 2) +
            2 * PIECE(AK * 4) + PIECE(3 * AR * 4) + 2 * PIECE(AR * 8);
 }
 
@@ -111,7 +115,7 @@ static scratch carve(void *buf, int64_t d)
     w.dP = (float *)q, q += PIECE(AR * AK * 4);
     w.Pv = (uint16_t *)q, q += PIECE(AR * AK * 2);
     w.dSv = (uint16_t *)q, q += PIECE(AR * AK * 2);
-    w.dSr = (uint16_t *)q, q += PIECE(AR * AK * 2);
+    w.dSr = (uint16_t *)q, q += PIECE(KG * AR * AK * 2);
     w.G = (float *)q, q += PIECE(AK * 4);
     w.Z = (float *)q, q += PIECE(AK * 4);
     w.stat = (float *)q, q += PIECE(3 * AR * 4);
@@ -175,13 +179,16 @@ void fa_bwd_bf16__amx_packk(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t
 
 /* ---- tiles -------------------------------------------------------------------------------------- */
 
-/* C (+)= A . B over mt x nt C tiles (both even) and ks k steps of 32 bf16 products each:
- * A tile (m, k) at A + m*am + k*ak (stride ald bytes), B tile (k, n) at B + k*bk + n*bn (stride
- * bld), C tile (m, n) at C + m*cm + n*cn (stride cld). 2x2 C tiles per step: tiles 0-3 C, 4-5 A,
- * 6-7 B. With acc the C tiles start from C, else from zero. */
-INL void tile_gemm(int acc, int64_t mt, int64_t nt, int64_t ks, const uint16_t *A, int64_t am,
-                   int64_t ak, int64_t ald, const uint16_t *B, int64_t bk, int64_t bn, int64_t bld,
-                   float *C, int64_t cm, int64_t cn, int64_t cld)
+/* C (+)= sum over nb products A[j] . B[j] over mt x nt C tiles (both even), each product ks k steps
+ * of 32 bf16 products: A tile (m, k) of product j at A[j] + m*am + k*ak (stride ald bytes), B tile
+ * (k, n) at B[j] + k*bk + n*bn (stride bld), C tile (m, n) at C + m*cm + n*cn (stride cld). 2x2 C
+ * tiles per step: tiles 0-3 C, 4-5 A, 6-7 B. With acc the C tiles start from C, else from zero.
+ * The products enter each C tile in order j, then k: the same sums, in the same order, as nb calls
+ * with one product each, with the C tiles loaded and stored once instead of nb times. */
+INL void tile_gemm_n(int acc, int64_t mt, int64_t nt, int64_t ks, int64_t nb,
+                     const uint16_t *const *A, int64_t am, int64_t ak, int64_t ald,
+                     const uint16_t *const *B, int64_t bk, int64_t bn, int64_t bld, float *C,
+                     int64_t cm, int64_t cn, int64_t cld)
 {
     for (int64_t m = 0; m < mt; m += 2)
         for (int64_t n = 0; n < nt; n += 2) {
@@ -194,18 +201,27 @@ INL void tile_gemm(int acc, int64_t mt, int64_t nt, int64_t ks, const uint16_t *
             } else {
                 fa_amx_zero2x2();
             }
-            for (int64_t k = 0; k < ks; k++) {
-                _tile_loadd(4, A + m * am + k * ak, ald);
-                _tile_loadd(5, A + (m + 1) * am + k * ak, ald);
-                _tile_loadd(6, B + k * bk + n * bn, bld);
-                _tile_loadd(7, B + k * bk + (n + 1) * bn, bld);
-                fa_amx_dp2x2();
-            }
+            for (int64_t j = 0; j < nb; j++)
+                for (int64_t k = 0; k < ks; k++) {
+                    _tile_loadd(4, A[j] + m * am + k * ak, ald);
+                    _tile_loadd(5, A[j] + (m + 1) * am + k * ak, ald);
+                    _tile_loadd(6, B[j] + k * bk + n * bn, bld);
+                    _tile_loadd(7, B[j] + k * bk + (n + 1) * bn, bld);
+                    fa_amx_dp2x2();
+                }
             _tile_stored(0, c, cld);
             _tile_stored(1, c + cn, cld);
             _tile_stored(2, c + cm, cld);
             _tile_stored(3, c + cm + cn, cld);
         }
+}
+
+/* C (+)= A . B: one product. */
+INL void tile_gemm(int acc, int64_t mt, int64_t nt, int64_t ks, const uint16_t *A, int64_t am,
+                   int64_t ak, int64_t ald, const uint16_t *B, int64_t bk, int64_t bn, int64_t bld,
+                   float *C, int64_t cm, int64_t cn, int64_t cld)
+{
+    tile_gemm_n(acc, mt, nt, ks, 1, &A, am, ak, ald, &B, bk, bn, bld, C, cm, cn, cld);
 }
 
 /* fp32 rows [AR][AK] -> bf16 B tiles in query pairs [AR/2][AK][2]: rows 2i and 2i + 1
@@ -232,12 +248,12 @@ static void pack_rows(const float *X, uint16_t *dst)
 /* ---- dK/dV (and dQ partials): one chunk of key blocks of one (batch, kv head) ------------------- */
 
 /* One (query block, key block) step: S, dP, bw_row, then dV^T, dK^T (the key block's scratch
- * accumulators dKT, dVT) and the query block's dQ partial sums dQb. w->stat, w->lo, w->hi hold the
- * query block's rows. */
+ * accumulators dKT, dVT); dX in bf16 rows goes to dSr for the group's dQ product (dkdv).
+ * w->stat, w->lo, w->hi hold the query block's rows. */
 static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_t h, int64_t q0,
-                     int64_t nr, const uint16_t *Q, const uint16_t *dO, float *dQb, int64_t k0,
-                     int64_t nc, const uint16_t *Kd, const uint16_t *Vd, const uint16_t *Kk,
-                     float *dKT, float *dVT, scratch *w, uint64_t thr)
+                     int64_t nr, const uint16_t *Q, const uint16_t *dO, int64_t k0, int64_t nc,
+                     const uint16_t *Kd, const uint16_t *Vd, float *dKT, float *dVT, uint16_t *dSr,
+                     scratch *w, uint64_t thr)
 {
     const int64_t d32 = D32(p->f.d), nd = d32 / 16;
     const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
@@ -257,15 +273,12 @@ static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_
     memset(w->dP + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
     pack_pairs(w->S, w->Pv);
     pack_pairs(w->dP, w->dSv);
-    pack_rows(w->dP, w->dSr);
+    pack_rows(w->dP, dSr);
     /* dV^T += dO^T P, dK^T += Q^T dX */
     tile_gemm(1, nd, AK / 16, AR / 32, dOT, 16 * 32, 32 * d32, 64, w->Pv, 32 * AK, 32, AK * 4, dVT,
               16 * AK, 16, AK * 4);
     tile_gemm(1, nd, AK / 16, AR / 32, QT, 16 * 32, 32 * d32, 64, w->dSv, 32 * AK, 32, AK * 4, dKT,
               16 * AK, 16, AK * 4);
-    /* dQ += dX K into the chunk's partial sums */
-    tile_gemm(1, AR / 16, nd, AK / 32, w->dSr, 16 * AK, 32, AK * 2, Kk, 32 * d32, 32, d32 * 4, dQb,
-              16 * d32, 16, d32 * 4);
     if (p->dpse) {
         float *dpse = (float *)p->dpse;
         for (int64_t r = 0; r < nr; r++) {
@@ -334,14 +347,24 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
                     w.stat[AR + r] = ((const float *)ws->il)[at];
                     w.stat[2 * AR + r] = ((const float *)ws->D)[at];
                 }
+                const uint16_t *dX[KG], *Kk[KG];
+                int64_t nx = 0;
                 for (int64_t t = 0; t < nb; t++) {
                     const int64_t k0 = kg + t * step, nc = s.sk - k0 < AK ? s.sk - k0 : AK;
                     if (!amx_reach(w.lo, w.hi, nr, k0, k0 + nc))
                         continue;
-                    amx_step(p, &s, bi, h, q0, nr, Q, dO, dQb, k0, nc, kblock(p, ws, ws->Kt, bi, hk, k0),
-                             kblock(p, ws, ws->Vt, bi, hk, k0), kblock(p, ws, ws->Kr, bi, hk, k0),
-                             w.dKT + t * kslab, w.dVT + t * kslab, &w, thr);
+                    uint16_t *dSr = w.dSr + nx * AR * AK;
+                    amx_step(p, &s, bi, h, q0, nr, Q, dO, k0, nc, kblock(p, ws, ws->Kt, bi, hk, k0),
+                             kblock(p, ws, ws->Vt, bi, hk, k0), w.dKT + t * kslab, w.dVT + t * kslab,
+                             dSr, &w, thr);
+                    dX[nx] = dSr;
+                    Kk[nx++] = kblock(p, ws, ws->Kr, bi, hk, k0);
                 }
+                /* dQ += dX K for the group's blocks in one pass over the partial block's C tiles
+                 * (loaded and stored once per group rather than once per key block). */
+                if (nx)
+                    tile_gemm_n(1, AR / 16, d32 / 16, AK / 32, nx, dX, 16 * AK, 32, AK * 2, Kk, 32 * d32,
+                                32, d32 * 4, dQb, 16 * d32, 16, d32 * 4);
             }
         }
 

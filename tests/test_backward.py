@@ -216,7 +216,7 @@ def test_threads_bitwise_identical(c):
         assert a.tobytes() == b.tobytes()
 
 
-# Shapes around the AMX bf16 kernel's 64 x 64 blocks and 32-wide tiles (fa_bwd_bf16__amx.c):
+# Shapes around the AMX bf16 kernel's 128 x 64 blocks and 32-wide tiles (fa_bwd_bf16__amx.c):
 # ragged last blocks on both sides, d not a multiple of 32 or of 16, several dQ chunks (few kv
 # heads), GQA groups, and every score feature.
 AMX_CASES = [
