@@ -239,12 +239,29 @@ static int bw_reach(const int64_t *lo, const int64_t *hi, int64_t nr, int64_t k0
     return any;
 }
 
+/* Software prefetch into L2 of the next query block's Q, dO and dQ partial rows while the current
+ * one is computed: a head's rows are contiguous in the workspace, but at long S they stream from
+ * L3 or memory once per key group, and the hardware prefetchers stop at each 4 KiB page. The lines
+ * are spread over the block's rows (a burst of prefetches stalls on fill buffers). */
+typedef struct {
+    const char *at[3];
+    int64_t left[3]; /* cache lines still to prefetch in each region */
+    int64_t per;     /* lines per call of bw_pf_some */
+} bw_pf;
+
+FA_INLINE void bw_pf_some(bw_pf *pf)
+{
+    for (int64_t n = pf->per, i = 0; n > 0 && i < 3; i++)
+        for (; n > 0 && pf->left[i] > 0; n--, pf->left[i]--, pf->at[i] += 64)
+            __builtin_prefetch(pf->at[i], 0, 2);
+}
+
 /* S = Q Kt and dP = dO Vt for rows [q0, q0 + nr) against the key block at kb0, then every row
  * through bw_row. Q/dO rows past nr are read (they exist: the workspace pads) and their results
  * replaced by zeros, since a GEMM row depends only on its own A row. */
 static void bw_block(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t q0, int64_t nr,
                      const acc_t *Q, const acc_t *dO, const acc_t *Kt, const acc_t *Vt, int64_t kb0,
-                     int64_t nc, int64_t ncp, bw_scratch *w, uint64_t thr)
+                     int64_t nc, int64_t ncp, bw_scratch *w, uint64_t thr, bw_pf *pf)
 {
     const int64_t d = p->f.d, dp = DPAD(d), nrp = RUP(nr, FA_MR);
     bw_gemm(0, nrp, ncp, d, Q, dp, 1, Kt, BC, w->S, BC);
@@ -258,6 +275,7 @@ static void bw_block(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t
         }
         bw_row(p, s, h, q0 + r, kb0, ncp, c0, c1, w->stat[r], w->stat[BR + r], w->stat[2 * BR + r],
                Sr, dPr, w->G, w->Z, thr);
+        bw_pf_some(pf);
     }
 }
 
@@ -320,6 +338,15 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                 const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
                 acc_t *dQr = dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0) * dp;
                 bw_stats(p, ws, &s, h, q0, nr, &w);
+                bw_pf pf = {{0}, {0}, 0};
+                if (q0 + BR < s.sq) {
+                    const int64_t nn = s.sq - q0 - BR < BR ? s.sq - q0 - BR : BR;
+                    const int64_t lines = (nn * dp * (int64_t)sizeof(acc_t) + 63) / 64;
+                    pf.at[0] = (const char *)(Q + BR * dp), pf.at[1] = (const char *)(dO + BR * dp);
+                    pf.at[2] = (const char *)(dQr + BR * dp);
+                    pf.left[0] = pf.left[1] = pf.left[2] = lines;
+                    pf.per = (3 * lines + nb * nrp - 1) / (nb * nrp);
+                }
                 for (int64_t t = 0; t < nb; t++) {
                     const int64_t k0 = kg + t * step, nc = s.sk - k0 < BC ? s.sk - k0 : BC;
                     if (!bw_reach(w.lo, w.hi, nr, k0, k0 + nc))
@@ -327,7 +354,7 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                     const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
                     const acc_t *Kt = w.Kt + t * d * BC, *Vt = w.Vt + t * d * BC, *Kr = w.Kr + t * dslab;
                     acc_t *dK = w.dK + t * dslab, *dV = w.dV + t * dslab;
-                    bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr);
+                    bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr, &pf);
                     /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's
                      * strides; only the nr real rows enter the sum. Rows of dK/dV past nc see
                      * S/dP columns that bw_row zeroed (up to ncp) or never wrote (up to ncr);
