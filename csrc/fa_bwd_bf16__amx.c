@@ -253,7 +253,7 @@ static void pack_rows(const float *X, uint16_t *dst)
 static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_t h, int64_t q0,
                      int64_t nr, const uint16_t *Q, const uint16_t *dO, int64_t k0, int64_t nc,
                      const uint16_t *Kd, const uint16_t *Vd, float *dKT, float *dVT, uint16_t *dSr,
-                     scratch *w, uint64_t thr)
+                     scratch *w, uint64_t thr, bw_pf *pf)
 {
     const int64_t d32 = D32(p->f.d), nd = d32 / 16;
     const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
@@ -268,6 +268,7 @@ static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_
         const int64_t c1 = (w->hi[r] < k0 + nc ? w->hi[r] : k0 + nc) - k0;
         bw_row(p, s, h, q0 + r, k0, AK, c0, c1, w->stat[r], w->stat[AR + r], w->stat[2 * AR + r],
                w->S + r * AK, w->dP + r * AK, w->G, w->Z, thr);
+        bw_pf_some(pf);
     }
     memset(w->S + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
     memset(w->dP + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
@@ -347,6 +348,11 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
                     w.stat[AR + r] = ((const float *)ws->il)[at];
                     w.stat[2 * AR + r] = ((const float *)ws->D)[at];
                 }
+                /* The next query block (Q, dO with their transposes, dQ partials: each right after
+                 * this block's) into L2. */
+                const int64_t qbytes = q0 + AR < s.sq ? 2 * AR * d32 * 2 : 0;
+                bw_pf pf = bw_pf_init(Q + 2 * AR * d32, qbytes, dO + 2 * AR * d32, qbytes,
+                                      dQb + AR * d32, qbytes, nb * AR);
                 const uint16_t *dX[KG], *Kk[KG];
                 int64_t nx = 0;
                 for (int64_t t = 0; t < nb; t++) {
@@ -356,7 +362,7 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
                     uint16_t *dSr = w.dSr + nx * AR * AK;
                     amx_step(p, &s, bi, h, q0, nr, Q, dO, k0, nc, kblock(p, ws, ws->Kt, bi, hk, k0),
                              kblock(p, ws, ws->Vt, bi, hk, k0), w.dKT + t * kslab, w.dVT + t * kslab,
-                             dSr, &w, thr);
+                             dSr, &w, thr, &pf);
                     dX[nx] = dSr;
                     Kk[nx++] = kblock(p, ws, ws->Kr, bi, hk, k0);
                 }

@@ -239,23 +239,6 @@ static int bw_reach(const int64_t *lo, const int64_t *hi, int64_t nr, int64_t k0
     return any;
 }
 
-/* Software prefetch into L2 of the next query block's Q, dO and dQ partial rows while the current
- * one is computed: a head's rows are contiguous in the workspace, but at long S they stream from
- * L3 or memory once per key group, and the hardware prefetchers stop at each 4 KiB page. The lines
- * are spread over the block's rows (a burst of prefetches stalls on fill buffers). */
-typedef struct {
-    const char *at[3];
-    int64_t left[3]; /* cache lines still to prefetch in each region */
-    int64_t per;     /* lines per call of bw_pf_some */
-} bw_pf;
-
-FA_INLINE void bw_pf_some(bw_pf *pf)
-{
-    for (int64_t n = pf->per, i = 0; n > 0 && i < 3; i++)
-        for (; n > 0 && pf->left[i] > 0; n--, pf->left[i]--, pf->at[i] += 64)
-            __builtin_prefetch(pf->at[i], 0, 2);
-}
-
 /* S = Q Kt and dP = dO Vt for rows [q0, q0 + nr) against the key block at kb0, then every row
  * through bw_row. Q/dO rows past nr are read (they exist: the workspace pads) and their results
  * replaced by zeros, since a GEMM row depends only on its own A row. */
@@ -338,15 +321,11 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                 const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
                 acc_t *dQr = dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0) * dp;
                 bw_stats(p, ws, &s, h, q0, nr, &w);
-                bw_pf pf = {{0}, {0}, 0};
-                if (q0 + BR < s.sq) {
-                    const int64_t nn = s.sq - q0 - BR < BR ? s.sq - q0 - BR : BR;
-                    const int64_t lines = (nn * dp * (int64_t)sizeof(acc_t) + 63) / 64;
-                    pf.at[0] = (const char *)(Q + BR * dp), pf.at[1] = (const char *)(dO + BR * dp);
-                    pf.at[2] = (const char *)(dQr + BR * dp);
-                    pf.left[0] = pf.left[1] = pf.left[2] = lines;
-                    pf.per = (3 * lines + nb * nrp - 1) / (nb * nrp);
-                }
+                /* The next query block's rows (contiguous after this block's) into L2. */
+                const int64_t nn = s.sq - q0 - BR < BR ? (s.sq - q0 - BR > 0 ? s.sq - q0 - BR : 0) : BR;
+                const int64_t nbytes = nn * dp * (int64_t)sizeof(acc_t);
+                bw_pf pf = bw_pf_init(Q + BR * dp, nbytes, dO + BR * dp, nbytes, dQr + BR * dp, nbytes,
+                                      nb * nrp);
                 for (int64_t t = 0; t < nb; t++) {
                     const int64_t k0 = kg + t * step, nc = s.sk - k0 < BC ? s.sk - k0 : BC;
                     if (!bw_reach(w.lo, w.hi, nr, k0, k0 + nc))
