@@ -17,6 +17,9 @@
 #include "fa_seq.h"
 #include "fa_philox.h"
 #include "fa_vec.h"
+#if defined(__AVX512F__)
+#include "fa_philox_avx512.h" /* the dropout replay draws 64 keys per call */
+#endif
 
 /* ---- element conversions --------------------------------------------------------------------- */
 
@@ -201,6 +204,24 @@ static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i
         const acc_t r = (acc_t)(1.0 / (1.0 - f->dropout_p));
         const uint64_t bh = (uint64_t)(s->bi * f->h + h);
         const int64_t j0 = kb0 + c0, j1 = kb0 + c1;
+#if defined(__AVX512F__)
+        /* 64 keys per vectorized Philox call (fa_philox_avx512.h), then Z 16 lanes at a time */
+        (void)j0, (void)j1;
+        uint64_t bits[FA_BWD_BLOCK_KEYS / 64 + 2] = {0};
+        fa_keep_row_bits(f->seed, f->offset, bh, (uint64_t)i, kb0, c0, c1, thr, bits);
+        for (int64_t c = 0; c < ncp; c += 16) {
+            const int64_t lo = c0 - c, hi = c1 - c; /* lanes inside the band */
+            const __mmask16 in = (__mmask16)((hi >= 16 ? 0xFFFFu : hi <= 0 ? 0u : (1u << hi) - 1) &
+                                             ~(lo <= 0 ? 0u : lo >= 16 ? 0xFFFFu : (1u << lo) - 1));
+            const __mmask16 k = in & fa_keep_bits16(bits, c);
+            if (sizeof(acc_t) == 4) {
+                _mm512_storeu_ps((float *)Z + c, _mm512_maskz_mov_ps(k, _mm512_set1_ps((float)r)));
+            } else {
+                _mm512_storeu_pd((double *)Z + c, _mm512_maskz_mov_pd((__mmask8)k, _mm512_set1_pd((double)r)));
+                _mm512_storeu_pd((double *)Z + c + 8, _mm512_maskz_mov_pd((__mmask8)(k >> 8), _mm512_set1_pd((double)r)));
+            }
+        }
+#else
         for (int64_t c = 0; c < ncp; c++)
             Z[c] = 0;
         for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
@@ -212,6 +233,7 @@ static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i
                     Z[j - kb0] = r;
             }
         }
+#endif
         for (int64_t c = 0; c < ncp; c += VLEN) {
             vec_t P = vexp_nonpos(vload(S + c) - vm) * vil;
             vec_t zr = vload(Z + c);

@@ -32,7 +32,7 @@
 
 #include "fa_cvt.h"
 #include "fa_kernels.h"
-#include "fa_philox.h"
+#include "fa_philox_avx512.h"
 #include "fa_seq.h"
 
 #define FA_ACC float
@@ -244,19 +244,13 @@ static void add_pse(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t 
 }
 
 /* Zeroes the dropped probabilities P[c], c in [c0, c1), of query i of head h (keys kb0 + c): the
- * Philox stream of fa_philox.h, four keys per draw, as every kernel draws it. */
+ * Philox stream of fa_philox.h, four keys per draw, as every kernel draws it (64 keys per
+ * vectorized call, fa_philox_avx512.h). */
 static void drop_row(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t i, int64_t kb0,
                      int64_t c0, int64_t c1, float *P)
 {
     const uint64_t thr = fa_dropout_threshold(p->dropout_p), bh = (uint64_t)(s->bi * p->h + h);
-    const int64_t j0 = kb0 + c0, j1 = kb0 + c1;
-    for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
-        uint32_t r[4];
-        fa_dropout_draw4(p->seed, p->offset, bh, (uint64_t)i, (uint64_t)(j4 >> 2), r);
-        for (int t = 0; t < 4; t++)
-            if (j4 + t >= j0 && j4 + t < j1 && (uint64_t)r[t] < thr)
-                P[j4 + t - kb0] = 0;
-    }
+    fa_drop_row_f32(p->seed, p->offset, bh, (uint64_t)i, kb0, c0, c1, thr, P);
 }
 
 /* Turns one row's raw dot products S of the block (keys kb0 .. kb0 + nc) into scores (pse,

@@ -89,17 +89,18 @@ unsigned fa_isa_supported(void)
         int amx_os = (xcr0 & 0x60000) == 0x60000;
         if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
             int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1;
-            int avx512vl = (b >> 31) & 1;
+            int avx512vl = (b >> 31) & 1, avx512dq = (b >> 17) & 1;
             int amx_bf16 = (d >> 22) & 1, amx_tile = (d >> 24) & 1;
             if (avx && avx2 && fma && f16c && ymm_os)
                 mask |= 1u << FA_ISA_AVX2;
             if ((mask & (1u << FA_ISA_AVX2)) && avx512f && avx512bw && avx512vl && zmm_os)
                 mask |= 1u << FA_ISA_AVX512;
-            /* The AMX kernel also converts P to bf16 with AVX512-BF16 (leaf 7.1 EAX bit 5). */
+            /* The AMX kernel also converts P to bf16 with AVX512-BF16 (leaf 7.1 EAX bit 5) and
+             * splits its exponents with vreduceps (AVX512-DQ). */
             unsigned a1 = 0, b1, c1, d1;
             int avx512bf16 = __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && ((a1 >> 5) & 1);
-            if ((mask & (1u << FA_ISA_AVX512)) && amx_bf16 && amx_tile && avx512bf16 && amx_os &&
-                amx_permission())
+            if ((mask & (1u << FA_ISA_AVX512)) && avx512dq && amx_bf16 && amx_tile && avx512bf16 &&
+                amx_os && amx_permission())
                 mask |= 1u << FA_ISA_AMX;
         }
     }

@@ -22,6 +22,7 @@
 #include "fa_params.h"
 #include "fa_seq.h"
 #include "fa_philox.h"
+#include "fa_philox_avx512.h"
 #include "fa_cvt.h"
 
 #define BR 64         /* queries per sub-block: NQV vectors of 16 lanes (the S^T row stride) */
@@ -343,20 +344,33 @@ static void block_softmax(fa_lanes *w, int64_t nc)
     }
 }
 
-/* Zero the dropped entries of P^T for query rows [0, nrows) within their visible columns. */
+/* Zero the dropped entries of P^T for query rows [0, nrows) within their visible columns: 16
+ * query lanes x 4 keys per vectorized Philox call (fa_philox_avx512.h), the lanes being exactly
+ * one vector of a P^T row. Entries outside a row's band are 0 already and padding lanes are
+ * discarded, so the whole 16 x 4 group is masked alike. */
 static void block_dropout(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
                           int64_t nrows, int64_t kb0, const fa_lanes *w, float *PT, uint64_t thr)
 {
     const uint64_t bh = (uint64_t)(s->bi * p->h + h);
-    for (int64_t r = 0; r < nrows; r++) {
-        const int64_t j0 = kb0 + w->c0[r], j1 = kb0 + w->c1[r];
-        for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
-            uint32_t rnd[4];
-            fa_dropout_draw4(p->seed, p->offset, bh, (uint64_t)(q0 + r), (uint64_t)(j4 >> 2), rnd);
+    for (int64_t v = 0; v * 16 < nrows; v++) {
+        int64_t cmin = INT64_MAX, cmax = 0; /* the columns any row of the vector sees */
+        for (int64_t r = v * 16; r < nrows && r < v * 16 + 16; r++) {
+            if (w->c0[r] < w->c1[r]) {
+                cmin = w->c0[r] < cmin ? w->c0[r] : cmin;
+                cmax = w->c1[r] > cmax ? w->c1[r] : cmax;
+            }
+        }
+        if (cmin >= cmax) /* no row of the vector sees the block */
+            continue;
+        for (int64_t j4 = (kb0 + cmin) & ~(int64_t)3; j4 < kb0 + cmax; j4 += 4) {
+            __mmask16 keep[4];
+            fa_keep_rows16(p->seed, p->offset, bh, (uint64_t)(q0 + v * 16), (uint64_t)(j4 >> 2), thr, keep);
             for (int t = 0; t < 4; t++) {
-                int64_t j = j4 + t;
-                if (j >= j0 && j < j1 && (uint64_t)rnd[t] < thr)
-                    PT[(j - kb0) * BR + r] = 0;
+                const int64_t j = j4 + t - kb0;
+                if (j < cmin || j >= cmax)
+                    continue;
+                float *x = PT + j * BR + v * 16;
+                _mm512_store_ps(x, _mm512_maskz_mov_ps(keep[t], _mm512_load_ps(x)));
             }
         }
     }

@@ -7,10 +7,13 @@
  * bf16 P in the A-tile layout of the P.V product (tile (query group g, key chunk c) = 16 rows of
  * 32 keys, a contiguous 1 KiB), so P is never stored as float32.
  *
- * exp: exp2_clamped of fa_fwd_avx512_lanes.h (the same function as the FMA kernel), of
- * t = (x sx - m) log2 e, the bracket in one FMA (one rounding, where the lanes kernel rounds
- * x sx first). Only the columns [c0, c1) of a row's band enter its max and sum (P = 0
- * elsewhere), so a band edge needs no extra pass. Without softcap, alibi, pse or mask, sx is the
+ * exp of P (below, "exp for P"): float16 inputs (P kept to 16 bits) get exactly the values of
+ * exp2_clamped of fa_fwd_avx512_lanes.h (the FMA kernel's), of t = (x sx - m) log2 e with the
+ * bracket in one FMA (one rounding, where the lanes kernel rounds x sx first), on a cheaper
+ * exponent split; bfloat16 inputs (P rounded to bf16) a degree-5 exp (1.7e-7) and, for rows with
+ * a small shift, t in one FMA. The running max/sum updates (alpha) keep exp2_clamped.
+ * Only the columns [c0, c1) of a row's band enter its max and sum (P = 0 elsewhere), so a band
+ * edge needs no extra pass. Without softcap, alibi, pse or mask, sx is the
  * scale and x the raw score, so no pass rewrites S; the row max is then taken on raw scores
  * (scale > 0 keeps the order). Otherwise the block is first turned into final scores in place
  * (rows_scores) and sx = 1.
@@ -156,79 +159,193 @@ static void rows_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int6
     }
 }
 
+/* ---- exp for P ------------------------------------------------------------------------------ */
+
+/* 2^t = 2^n p(r) with n = round(t) (nearest even) and r = t - n in [-1/2, 1/2], both from one
+ * vreduceps (AVX512DQ: r = t - round(t), exact) and n = t - r (exact). Where exp2_clamped needs
+ * a clamp and the 1.5 * 2^23 add/subtract (four uops) this takes two, and it needs no clamp:
+ * t = -inf gives r = 0, n = -inf and vscalefps(p, -inf) = 0 exactly; t far below -150 gives 0 as
+ * well; NaN stays NaN (it poisons the row through the sum). For every t the same n and r as
+ * exp2_clamped (which rounds to nearest even as well; below its -200 clamp both give 0). */
+INL __m512 exp2_split(__m512 t, __m512 *n)
+{
+    const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    *n = _mm512_sub_ps(t, r);
+    return r;
+}
+
+/* exp2_clamped's degree-6 polynomial on the split above: bit-identical results (max relative
+ * error 9.7e-8, see fa_fwd_avx512_lanes.h); for float16 inputs, whose P keeps 16 bits and whose
+ * errors stay those of the float32 path. */
+INL __m512 exp2_p6(__m512 t)
+{
+    __m512 n, r = exp2_split(t, &n);
+    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* 2^t for bfloat16 inputs, where P enters P V rounded to bf16 (relative 2^-9), so only the row
+ * sum l (lse, checked to 2e-5 and used by the backward to recompute P) needs more than that:
+ * 2^floor(t) p(r) with r = t - floor(t) in [0, 1) from one vreduceps (round down) and 2^floor(t)
+ * applied by vscalefps straight from t (it takes the floor of its exponent operand), so no
+ * n = t - r either: three uops besides the polynomial fewer than exp2_clamped. -inf gives r = 0
+ * and 2^-inf = 0 exactly, NaN stays NaN, t far below -150 gives 0. p: degree 5, relative-error
+ * minimax for 2^r on [0, 1] (Lawson-weighted least squares on Chebyshev nodes) with p(0) = 1
+ * and each coefficient rounded to float32 in turn, the rest refitted. Max relative error against
+ * 2^t over every float32 t in [-1, 1), float32 Horner with FMA, checked exhaustively in double:
+ * 1.7e-7 (8.2e-8 of it the approximation; vreduceps rounds r = t + 1 for t just below 0, up to
+ * 2^-24 in r); sampled over [-125, 2]: 1.6e-7. vscalefps is exact in the normal range. */
+INL __m512 exp2_p5(__m512 t)
+{
+    const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 y = _mm512_set1_ps(1.8669525161385536e-03f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.0174805372953415e-03f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5799514055252075e-02f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4016459286212921e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9315129518508911e-01f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, t);
+}
+
+/* |mu| bound below which the exponent is taken in one FMA, t = x (sx log2 e) - mu log2 e. Its
+ * error against (x sx - mu) log2 e: the two rounded constants and the FMA give
+ * |dt| <= 2^-24 (log2 e (|x sx| + |mu|) + |t|), and |x sx| <= |mu| + |t| ln 2 for a score below
+ * the row max, so |dt| <= 2^-24 (2.89 |mu| + 2 |t|): P = 2^t is off by at most
+ * 2^-24 ln 2 (2.89 |mu| + 2 |t|) 2^t <= 2^-24 (2 |mu| + 0.74) absolute (2^t |t| <= 0.53), P's max
+ * being 1: 1.0e-6 of the max at |mu| = 8. On the row sum l the relative error is at most
+ * 2^-24 (2 |mu| + 1.39 T), T the P-weighted mean of |t| (below ~log2 of the key count; the
+ * |t| part is there in the exact bracket too): 1.6e-6 at |mu| = 8 and 16K keys, so lse moves by
+ * ~1e-6 against its 2e-5 check. Rows with a larger |mu| (large scores, the NPU mask fill -1e12
+ * where mu log2 e rounds by 65536) keep the exact bracket (one more multiply). */
+#define FA_ROWS_FUSED_MU 8.0f
+
+enum { EXP_F16, EXP_BRACKET, EXP_FUSED };
+
+/* P (and Pl) of the 32 keys of chunk kc of row r from their scores x; the band mask is applied
+ * only where `masked` (edge chunks), interior chunks take no mask work at all. `mode` and
+ * `masked` are constants at every call, so each variant compiles to its own loop body. */
+INL void chunk_exp(fa_rows *w, int64_t r, const float *x, int64_t kc, int64_t c0, int64_t c1,
+                   __m512 vsx, __m512 nmu, __m512 a, __m512 b, __m512 *s0, __m512 *s1, int mode,
+                   int masked)
+{
+    const int64_t j = kc * 32;
+    const __mmask16 t0 = masked ? band16(j, c0, c1) : 0xffff;
+    const __mmask16 t1 = masked ? band16(j + 16, c0, c1) : 0xffff;
+    const __m512 x0 = masked ? _mm512_maskz_loadu_ps(t0, x + j) : _mm512_loadu_ps(x + j);
+    const __m512 x1 = masked ? _mm512_maskz_loadu_ps(t1, x + j + 16) : _mm512_loadu_ps(x + j + 16);
+    __m512 e0, e1;
+    if (mode == EXP_FUSED) {
+        e0 = exp2_p5(_mm512_fmadd_ps(x0, a, b));
+        e1 = exp2_p5(_mm512_fmadd_ps(x1, a, b));
+    } else {
+        /* (x sx - mu) with one rounding, then to base 2 */
+        const __m512 l2e = _mm512_set1_ps(LOG2E);
+        const __m512 u0 = _mm512_mul_ps(_mm512_fmadd_ps(x0, vsx, nmu), l2e);
+        const __m512 u1 = _mm512_mul_ps(_mm512_fmadd_ps(x1, vsx, nmu), l2e);
+        e0 = mode == EXP_F16 ? exp2_p6(u0) : exp2_p5(u0);
+        e1 = mode == EXP_F16 ? exp2_p6(u1) : exp2_p5(u1);
+    }
+    if (masked) { /* columns outside the band or past the block: P = 0 */
+        e0 = _mm512_maskz_mov_ps(t0, e0);
+        e1 = _mm512_maskz_mov_ps(t1, e1);
+    }
+    *s0 = _mm512_add_ps(*s0, e0);
+    *s1 = _mm512_add_ps(*s1, e1);
+    const __m512i ph = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+    _mm512_storeu_si512(p_row(w, r, kc), ph);
+    if (mode == EXP_F16) { /* the remainders, exact in fp32 (a flushed denormal lo is < 2^-126) */
+        const __m512 h0 = bf16_to_ps(_mm512_castsi512_si256(ph));
+        const __m512 h1 = bf16_to_ps(_mm512_extracti64x4_epi64(ph, 1));
+        const __m512 l0 = _mm512_sub_ps(e0, h0), l1 = _mm512_sub_ps(e1, h1);
+        const __m512i pl = (__m512i)_mm512_cvtne2ps_pbh(l1, l0);
+        _mm512_storeu_si512(pl_row(w, r, kc), pl);
+    }
+}
+
+/* P (and Pl) of row r, chunks [0, nkc), from its scores x and shift mu; returns the row sum of P.
+ * Chunks wholly inside the band [c0, c1) run unmasked. */
+INL float row_exp(fa_rows *w, int64_t r, const float *x, int64_t c0, int64_t c1, int64_t nkc,
+                  float sx, float mu, int mode)
+{
+    const __m512 vsx = _mm512_set1_ps(sx), nmu = _mm512_set1_ps(-mu);
+    const __m512 a = _mm512_set1_ps(sx * LOG2E), b = _mm512_set1_ps(-mu * LOG2E);
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t ka = (c0 + 31) / 32, kb = c1 / 32; /* interior chunks [ka, kb) */
+    ka = ka < nkc ? ka : nkc;
+    kb = kb > ka ? kb : ka;
+    int64_t kc = 0;
+    for (; kc < ka; kc++)
+        chunk_exp(w, r, x, kc, c0, c1, vsx, nmu, a, b, &s0, &s1, mode, 1);
+    for (; kc < kb; kc++)
+        chunk_exp(w, r, x, kc, c0, c1, vsx, nmu, a, b, &s0, &s1, mode, 0);
+    for (; kc < nkc; kc++)
+        chunk_exp(w, r, x, kc, c0, c1, vsx, nmu, a, b, &s0, &s1, mode, 1);
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+/* Maximum of row r's scores over its visible columns [c0, c1) (the band of a block that is
+ * otherwise plain costs no extra pass); -inf for an empty band. */
+INL float row_max(const fa_rows *w, int64_t r)
+{
+    const float *x = w->S + r * FA_ROWS_SLD;
+    const int64_t c0 = w->c0[r], c1 = w->c1[r];
+    __m512 a = _mm512_set1_ps(-INFINITY), b = a;
+    int64_t j = c0 & ~(int64_t)15;
+    if (j < c0) {
+        a = _mm512_mask_max_ps(a, band16(j, c0, c1), _mm512_loadu_ps(x + j), a);
+        j += 16;
+    }
+    for (; j + 32 <= c1; j += 32) {
+        a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);
+        b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
+    }
+    for (; j < c1; j += 16)
+        a = _mm512_mask_max_ps(a, tail16(c1 - j), _mm512_loadu_ps(x + j), a);
+    return _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+}
+
 /* Online softmax of rows [0, nr) over their visible columns [c0, c1) of the block: updates m, l,
  * sets alpha and writes P (bf16 A tiles; columns outside the band up to round32(nc) and rows
  * nr..ngroups*16 zero). `sx` multiplies the stored values to give final scores: the scale on
- * raw scores (no features, scale > 0), else 1. */
+ * raw scores (no features, scale > 0), else 1. Row by row, so the exp pass reads its row (1 KiB)
+ * from L1 (the 70 KiB score block does not fit there), with the max pass one row ahead: row r's
+ * exponentials never wait for the horizontal max reduction of their own row. */
 static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, float sx)
 {
     const int64_t nkc = (nc + 31) / 32;
+    float rmax_next = nr > 0 ? row_max(w, 0) : 0;
     for (int64_t r = 0; r < nr; r++) {
-        /* only the row's visible columns [c0, c1): the band of a block that is otherwise plain
-         * costs no extra pass */
         const float *x = w->S + r * FA_ROWS_SLD;
         const int64_t c0 = w->c0[r], c1 = w->c1[r];
-        __m512 a = _mm512_set1_ps(-INFINITY), b = a;
-        int64_t j = c0 & ~(int64_t)15;
-        if (j < c0) {
-            a = _mm512_mask_max_ps(a, band16(j, c0, c1), _mm512_loadu_ps(x + j), a);
-            j += 16;
-        }
-        for (; j + 32 <= c1; j += 32) {
-            a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);
-            b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
-        }
-        for (; j < c1; j += 16)
-            a = _mm512_mask_max_ps(a, tail16(c1 - j), _mm512_loadu_ps(x + j), a);
-        w->rmax[r] = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
-    }
-    for (int64_t r = nr; r < ngroups * 16; r++)
-        w->rmax[r] = -INFINITY;
-    const __m512 vsx = _mm512_set1_ps(sx);
-    for (int64_t g = 0; g < ngroups; g++) {
-        const __m512 m_old = _mm512_loadu_ps(w->m + g * 16);
-        /* maxps returns its second operand when either is NaN: a NaN running max stays NaN (a NaN
+        const float rmax = rmax_next;
+        if (r + 1 < nr)
+            rmax_next = row_max(w, r + 1);
+        /* maxss returns its second operand when either is NaN: a NaN running max stays NaN (a NaN
          * block max is caught through the row sum below). */
-        const __m512 mx = _mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(w->rmax + g * 16), vsx), m_old);
+        const float m_old = w->m[r];
+        const float mx = _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(rmax * sx), _mm_set_ss(m_old)));
         /* A row that has seen nothing but -inf keeps m = -inf; shifting by 0 instead keeps its
          * exponentials at exactly 0 (and alpha = 0 on the all-zero accumulator). */
-        const __mmask16 none = _mm512_cmpeq_ps_mask(mx, _mm512_set1_ps(-INFINITY));
-        const __m512 mu = _mm512_mask_blend_ps(none, mx, _mm512_setzero_ps());
-        _mm512_storeu_ps(w->mu + g * 16, mu);
-        _mm512_storeu_ps(w->alpha + g * 16, exp_diff(m_old, mu));
-        _mm512_storeu_ps(w->m + g * 16, mx);
+        const float mu = mx == -INFINITY ? 0.0f : mx;
+        w->mu[r] = mu;
+        w->alpha[r] = m_old; /* turned into exp(m_old - mu) per group below */
+        w->m[r] = mx;
+        if (w->Pl)
+            w->rsum[r] = row_exp(w, r, x, c0, c1, nkc, sx, mu, EXP_F16);
+        else if (fabsf(mu) <= FA_ROWS_FUSED_MU)
+            w->rsum[r] = row_exp(w, r, x, c0, c1, nkc, sx, mu, EXP_FUSED);
+        else
+            w->rsum[r] = row_exp(w, r, x, c0, c1, nkc, sx, mu, EXP_BRACKET);
     }
-    const __m512 l2e = _mm512_set1_ps(LOG2E);
-    for (int64_t r = 0; r < nr; r++) {
-        const float *x = w->S + r * FA_ROWS_SLD;
-        const __m512 nmu = _mm512_set1_ps(-w->mu[r]);
-        const int64_t c0 = w->c0[r], c1 = w->c1[r];
-        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-        for (int64_t kc = 0; kc < nkc; kc++) {
-            const int64_t j = kc * 32;
-            const __mmask16 t0 = band16(j, c0, c1), t1 = band16(j + 16, c0, c1);
-            const __m512 x0 = _mm512_maskz_loadu_ps(t0, x + j), x1 = _mm512_maskz_loadu_ps(t1, x + j + 16);
-            /* (x sx - mu) with one rounding, then to base 2 */
-            __m512 e0 = exp2_clamped(_mm512_mul_ps(_mm512_fmadd_ps(x0, vsx, nmu), l2e));
-            __m512 e1 = exp2_clamped(_mm512_mul_ps(_mm512_fmadd_ps(x1, vsx, nmu), l2e));
-            if (j < c0 || j + 32 > c1) { /* columns outside the band or past the block: P = 0 */
-                e0 = _mm512_maskz_mov_ps(t0, e0);
-                e1 = _mm512_maskz_mov_ps(t1, e1);
-            }
-            s0 = _mm512_add_ps(s0, e0);
-            s1 = _mm512_add_ps(s1, e1);
-            const __m512i ph = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
-            _mm512_storeu_si512(p_row(w, r, kc), ph);
-            if (w->Pl) { /* the remainders, exact in fp32 (a flushed denormal lo is < 2^-126) */
-                const __m512 h0 = bf16_to_ps(_mm512_castsi512_si256(ph));
-                const __m512 h1 = bf16_to_ps(_mm512_extracti64x4_epi64(ph, 1));
-                _mm512_storeu_si512(pl_row(w, r, kc), (__m512i)_mm512_cvtne2ps_pbh(
-                                                          _mm512_sub_ps(e1, h1), _mm512_sub_ps(e0, h0)));
-            }
-        }
-        w->rsum[r] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    }
-    for (int64_t r = nr; r < ngroups * 16; r++) {
+    for (int64_t r = nr; r < ngroups * 16; r++) { /* padding rows: m stays -inf */
+        w->mu[r] = 0;
+        w->alpha[r] = w->m[r];
         w->rsum[r] = 0;
         for (int64_t kc = 0; kc < nkc; kc++) {
             _mm512_storeu_si512(p_row(w, r, kc), _mm512_setzero_si512());
@@ -237,8 +354,11 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
         }
     }
     for (int64_t g = 0; g < ngroups; g++) {
+        const __m512 m_old = _mm512_loadu_ps(w->alpha + g * 16);
+        const __m512 alpha = exp_diff(m_old, _mm512_loadu_ps(w->mu + g * 16));
+        _mm512_storeu_ps(w->alpha + g * 16, alpha);
         /* the block's sum joins the running sum once (two-level summation) */
-        const __m512 l = _mm512_fmadd_ps(_mm512_loadu_ps(w->l + g * 16), _mm512_loadu_ps(w->alpha + g * 16),
+        const __m512 l = _mm512_fmadd_ps(_mm512_loadu_ps(w->l + g * 16), alpha,
                                          _mm512_loadu_ps(w->rsum + g * 16));
         _mm512_storeu_ps(w->l + g * 16, l);
         /* a NaN score gives a NaN sum: the row's max becomes NaN too (NaN input poisons the row) */
@@ -248,23 +368,25 @@ static void rows_softmax(fa_rows *w, int64_t nr, int64_t ngroups, int64_t nc, fl
 }
 
 /* Zeroes the dropped entries of P for rows [0, nr) within their visible columns (the same draws
- * as every other kernel: one Philox call per 4 keys of a row). */
+ * as every other kernel, 64 keys of a row per vectorized Philox call, fa_philox_avx512.h): each
+ * 32-key P tile row is masked with its keep bits at once; outside the band P is 0 already. */
 static void rows_dropout(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t q0,
                          int64_t nr, int64_t kb0, const fa_rows *w, uint64_t thr)
 {
     const uint64_t bh = (uint64_t)(s->bi * p->h + h);
     for (int64_t r = 0; r < nr; r++) {
-        const int64_t j0 = kb0 + w->c0[r], j1 = kb0 + w->c1[r];
-        for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
-            uint32_t rnd[4];
-            fa_dropout_draw4(p->seed, p->offset, bh, (uint64_t)(q0 + r), (uint64_t)(j4 >> 2), rnd);
-            for (int t = 0; t < 4; t++) {
-                const int64_t j = j4 + t;
-                if (j >= j0 && j < j1 && (uint64_t)rnd[t] < thr) {
-                    p_row(w, r, (j - kb0) / 32)[(j - kb0) % 32] = 0;
-                    if (w->Pl)
-                        pl_row(w, r, (j - kb0) / 32)[(j - kb0) % 32] = 0;
-                }
+        const int64_t c0 = w->c0[r], c1 = w->c1[r];
+        if (c0 >= c1)
+            continue;
+        uint64_t bits[FA_ROWS_BN / 64 + 2] = {0};
+        fa_keep_row_bits(p->seed, p->offset, bh, (uint64_t)(q0 + r), kb0, c0, c1, thr, bits);
+        for (int64_t kc = c0 / 32; kc * 32 < c1; kc++) {
+            const __mmask32 keep = (__mmask32)(bits[kc / 2] >> (32 * (kc % 2)));
+            uint16_t *ph = p_row(w, r, kc);
+            _mm512_storeu_si512(ph, _mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(ph)));
+            if (w->Pl) {
+                uint16_t *pl = pl_row(w, r, kc);
+                _mm512_storeu_si512(pl, _mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(pl)));
             }
         }
     }

@@ -58,3 +58,27 @@ def test_amx_block_edges(isa, sq, sk, d, h, hk, feat, probs, dt):
         args["return_attn_probs"] = True
         _, lse, _ = fa.flash_attn_func(q, k, v, **args)
         check((out, lse, None), q, k, v, dt, cache_key=("amxb", dt, sq, sk, d, h, hk, feat), **kw)
+
+
+@pytest.mark.parametrize("dt", ["bf16", "f16"])
+@pytest.mark.parametrize("feat", ["plain", "alibi"])
+def test_amx_score_magnitudes(isa, feat, dt):
+    """Row maxima from ~0.3 to ~35 and, with alibi far from the diagonal (sq > sk: the first
+    sq - sk rows see only keys left of theirs), down to about -100: bfloat16 rows with a shift
+    |mu| <= 8 take the exponent in one FMA, the others the exact bracket (fa_fwd_bf16_rows.h);
+    the rows of one block straddle that bound, and so do the blocks of one row."""
+    sq, sk, d, h = 400, 530, 64, 2
+    if feat == "alibi":
+        sk = 270
+    rng = np.random.default_rng(zlib.crc32(f"mag{feat}{dt}".encode()))
+    q, k, v = inputs(rng, 1, sq, sk, h, h, d, dt)
+    rows = np.geomspace(0.1, 12.0, sq)[None, :, None, None]
+    q = (q.astype(np.float32) * rows).astype(q.dtype)
+    scale = d ** -0.5
+    kw = dict(scale=scale)
+    args = dict(softmax_scale=scale, return_attn_probs=True)
+    if feat == "alibi":
+        sl = rng.uniform(0.2, 1.0, (1, h)).astype(np.float32)
+        kw["alibi"] = args["alibi_slopes"] = sl
+    out, lse, sd = fa.flash_attn_func(q, k, v, **args)
+    check((out, lse, sd), q, k, v, dt, cache_key=("amxmag", dt, feat), **kw)
