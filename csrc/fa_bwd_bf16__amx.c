@@ -15,6 +15,10 @@
  *   dQ  [AR x d]  += dX . K              A = dX rows (bf16), B = K in VNNI pairs over keys
  * Computing dV^T and dK^T (rather than dV, dK) puts P and dX in the B slot, where the VNNI pair
  * layout is two consecutive rows interleaved; dK/dV are transposed once per key block when stored.
+ * Blocks are AR = 128 query rows by AK = 64 keys, and key blocks go in groups of KG (dkdv): every
+ * fp32 C tile of dK^T/dV^T is loaded and stored once per AR/32 = 4 k steps, every dQ C tile once
+ * per group (up to KG * AK/32 = 8 k steps), and a query block's operands (Q, dO, their transposes
+ * and its dQ partial block, which stream from L3 or memory at long S) are fetched once per group.
  *
  * Workspace (own layout, fa_bwd_bf16__amx_ws_sizes; d32 = d rounded up to 32, padding zero):
  *   Q, dO  [h][qblocks] blocks of AR rows: rows [AR][d32], then transposed [AR/32][d32][32]
@@ -42,6 +46,10 @@
 #define D32(d) (((d) + 31) / 32 * 32)
 #define PIECE(bytes) ((((size_t)(bytes)) + 63) / 64 * 64)
 #define INL static inline __attribute__((always_inline))
+
+/* Key blocks per group (see dkdv): T3 bf16 backward 1 thread KG 1/2/4/8 = 1.00/1.24/1.37/1.36x
+ * the speed of KG 1 (NOTES.md "bfloat16/float32 backward at long S"). */
+#define KG 4
 
 _Static_assert(AR % 32 == 0 && AK % 32 == 0, "blocks are whole 2x2 tile steps");
 
@@ -82,9 +90,9 @@ INL float *dq_block(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t c, int6
 /* ---- scratch ------------------------------------------------------------------------------------ */
 
 typedef struct {
-    float *dKT, *dVT;         /* d32 x AK: dK^T, dV^T of the key block */
+    float *dKT, *dVT;         /* KG x d32 x AK: dK^T, dV^T of the group's key blocks */
     float *S, *dP;            /* AR x AK: scores -> P z r; dO V^T -> dX */
-    uint16_t *Pv, *dSv, *dSr; /* bf16: P and dX in query pairs [AR/2][AK][2]; dX rows [AR][AK] */
+    uint16_t *Pv, *dSv, *dSr; /* bf16: P and dX in query pairs [AR/2][AK][2]; KG x dX rows [AR][AK] */
     float *G, *Z, *stat;      /* AK, AK, 3 x AR (m, il, D) */
     int64_t *lo, *hi;         /* AR: each row's band */
 } scratch;
@@ -92,7 +100,7 @@ typedef struct {
 size_t fa_bwd_bf16__amx_scratch(const fa_bwd_params *p)
 {
     const int64_t d32 = D32(p->f.d);
-    return 2 * PIECE(d32 * AK * 4) + 2 * PIECE(AR * AK * 4) + 3 * PIECE(AR * AK * 2) +
+    return 2 * PIECE(KG * d32 * AK * 4) + 2 * PIECE(AR * AK * 4) + 2 * PIECE(AR * AK * 2) + PIECE(KG * AR * AK * 2) +
            2 * PIECE(AK * 4) + PIECE(3 * AR * 4) + 2 * PIECE(AR * 8);
 }
 
@@ -101,13 +109,13 @@ static scratch carve(void *buf, int64_t d)
     const int64_t d32 = D32(d);
     char *q = (char *)buf;
     scratch w;
-    w.dKT = (float *)q, q += PIECE(d32 * AK * 4);
-    w.dVT = (float *)q, q += PIECE(d32 * AK * 4);
+    w.dKT = (float *)q, q += PIECE(KG * d32 * AK * 4);
+    w.dVT = (float *)q, q += PIECE(KG * d32 * AK * 4);
     w.S = (float *)q, q += PIECE(AR * AK * 4);
     w.dP = (float *)q, q += PIECE(AR * AK * 4);
     w.Pv = (uint16_t *)q, q += PIECE(AR * AK * 2);
     w.dSv = (uint16_t *)q, q += PIECE(AR * AK * 2);
-    w.dSr = (uint16_t *)q, q += PIECE(AR * AK * 2);
+    w.dSr = (uint16_t *)q, q += PIECE(KG * AR * AK * 2);
     w.G = (float *)q, q += PIECE(AK * 4);
     w.Z = (float *)q, q += PIECE(AK * 4);
     w.stat = (float *)q, q += PIECE(3 * AR * 4);
@@ -171,13 +179,16 @@ void fa_bwd_bf16__amx_packk(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t
 
 /* ---- tiles -------------------------------------------------------------------------------------- */
 
-/* C (+)= A . B over mt x nt C tiles (both even) and ks k steps of 32 bf16 products each:
- * A tile (m, k) at A + m*am + k*ak (stride ald bytes), B tile (k, n) at B + k*bk + n*bn (stride
- * bld), C tile (m, n) at C + m*cm + n*cn (stride cld). 2x2 C tiles per step: tiles 0-3 C, 4-5 A,
- * 6-7 B. With acc the C tiles start from C, else from zero. */
-INL void tile_gemm(int acc, int64_t mt, int64_t nt, int64_t ks, const uint16_t *A, int64_t am,
-                   int64_t ak, int64_t ald, const uint16_t *B, int64_t bk, int64_t bn, int64_t bld,
-                   float *C, int64_t cm, int64_t cn, int64_t cld)
+/* C (+)= sum over nb products A[j] . B[j] over mt x nt C tiles (both even), each product ks k steps
+ * of 32 bf16 products: A tile (m, k) of product j at A[j] + m*am + k*ak (stride ald bytes), B tile
+ * (k, n) at B[j] + k*bk + n*bn (stride bld), C tile (m, n) at C + m*cm + n*cn (stride cld). 2x2 C
+ * tiles per step: tiles 0-3 C, 4-5 A, 6-7 B. With acc the C tiles start from C, else from zero.
+ * The products enter each C tile in order j, then k: the same sums, in the same order, as nb calls
+ * with one product each, with the C tiles loaded and stored once instead of nb times. */
+INL void tile_gemm_n(int acc, int64_t mt, int64_t nt, int64_t ks, int64_t nb,
+                     const uint16_t *const *A, int64_t am, int64_t ak, int64_t ald,
+                     const uint16_t *const *B, int64_t bk, int64_t bn, int64_t bld, float *C,
+                     int64_t cm, int64_t cn, int64_t cld)
 {
     for (int64_t m = 0; m < mt; m += 2)
         for (int64_t n = 0; n < nt; n += 2) {
@@ -190,18 +201,27 @@ INL void tile_gemm(int acc, int64_t mt, int64_t nt, int64_t ks, const uint16_t *
             } else {
                 fa_amx_zero2x2();
             }
-            for (int64_t k = 0; k < ks; k++) {
-                _tile_loadd(4, A + m * am + k * ak, ald);
-                _tile_loadd(5, A + (m + 1) * am + k * ak, ald);
-                _tile_loadd(6, B + k * bk + n * bn, bld);
-                _tile_loadd(7, B + k * bk + (n + 1) * bn, bld);
-                fa_amx_dp2x2();
-            }
+            for (int64_t j = 0; j < nb; j++)
+                for (int64_t k = 0; k < ks; k++) {
+                    _tile_loadd(4, A[j] + m * am + k * ak, ald);
+                    _tile_loadd(5, A[j] + (m + 1) * am + k * ak, ald);
+                    _tile_loadd(6, B[j] + k * bk + n * bn, bld);
+                    _tile_loadd(7, B[j] + k * bk + (n + 1) * bn, bld);
+                    fa_amx_dp2x2();
+                }
             _tile_stored(0, c, cld);
             _tile_stored(1, c + cn, cld);
             _tile_stored(2, c + cm, cld);
             _tile_stored(3, c + cm + cn, cld);
         }
+}
+
+/* C (+)= A . B: one product. */
+INL void tile_gemm(int acc, int64_t mt, int64_t nt, int64_t ks, const uint16_t *A, int64_t am,
+                   int64_t ak, int64_t ald, const uint16_t *B, int64_t bk, int64_t bn, int64_t bld,
+                   float *C, int64_t cm, int64_t cn, int64_t cld)
+{
+    tile_gemm_n(acc, mt, nt, ks, 1, &A, am, ak, ald, &B, bk, bn, bld, C, cm, cn, cld);
 }
 
 /* fp32 rows [AR][AK] -> bf16 B tiles in query pairs [AR/2][AK][2]: rows 2i and 2i + 1
@@ -227,12 +247,65 @@ static void pack_rows(const float *X, uint16_t *dst)
 
 /* ---- dK/dV (and dQ partials): one chunk of key blocks of one (batch, kv head) ------------------- */
 
+/* One (query block, key block) step: S, dP, bw_row, then dV^T, dK^T (the key block's scratch
+ * accumulators dKT, dVT); dX in bf16 rows goes to dSr for the group's dQ product (dkdv).
+ * w->stat, w->lo, w->hi hold the query block's rows. */
+static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_t h, int64_t q0,
+                     int64_t nr, const uint16_t *Q, const uint16_t *dO, int64_t k0, int64_t nc,
+                     const uint16_t *Kd, const uint16_t *Vd, float *dKT, float *dVT, uint16_t *dSr,
+                     scratch *w, uint64_t thr, bw_pf *pf)
+{
+    const int64_t d32 = D32(p->f.d), nd = d32 / 16;
+    const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
+    /* S = Q K^T, dP = dO V^T */
+    tile_gemm(0, AR / 16, AK / 16, d32 / 32, Q, 16 * d32, 32, d32 * 2, Kd, 32 * AK, 32, AK * 4, w->S,
+              16 * AK, 16, AK * 4);
+    tile_gemm(0, AR / 16, AK / 16, d32 / 32, dO, 16 * d32, 32, d32 * 2, Vd, 32 * AK, 32, AK * 4,
+              w->dP, 16 * AK, 16, AK * 4);
+    /* Rows past nr and keys past nc (zero padding) come out as P = 0, dX = 0. */
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t c0 = (w->lo[r] > k0 ? w->lo[r] : k0) - k0;
+        const int64_t c1 = (w->hi[r] < k0 + nc ? w->hi[r] : k0 + nc) - k0;
+        bw_row(p, s, h, q0 + r, k0, AK, c0, c1, w->stat[r], w->stat[AR + r], w->stat[2 * AR + r],
+               w->S + r * AK, w->dP + r * AK, w->G, w->Z, thr);
+        bw_pf_some(pf);
+    }
+    memset(w->S + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
+    memset(w->dP + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
+    pack_pairs(w->S, w->Pv);
+    pack_pairs(w->dP, w->dSv);
+    pack_rows(w->dP, dSr);
+    /* dV^T += dO^T P, dK^T += Q^T dX */
+    tile_gemm(1, nd, AK / 16, AR / 32, dOT, 16 * 32, 32 * d32, 64, w->Pv, 32 * AK, 32, AK * 4, dVT,
+              16 * AK, 16, AK * 4);
+    tile_gemm(1, nd, AK / 16, AR / 32, QT, 16 * 32, 32 * d32, 64, w->dSv, 32 * AK, 32, AK * 4, dKT,
+              16 * AK, 16, AK * 4);
+    if (p->dpse) {
+        float *dpse = (float *)p->dpse;
+        for (int64_t r = 0; r < nr; r++) {
+            float *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
+            const float *x = w->dP + r * AK;
+            for (int64_t c = 0; c < nc; c++)
+                row[(k0 + c) * p->dpse_sc] += x[c];
+        }
+    }
+}
+
+/* Whether any of the nr rows' bands reaches keys [k0, k1). */
+static int amx_reach(const int64_t *lo, const int64_t *hi, int64_t nr, int64_t k0, int64_t k1)
+{
+    int any = 0;
+    for (int64_t r = 0; r < nr; r++)
+        any |= lo[r] < hi[r] && lo[r] < k1 && hi[r] > k0;
+    return any;
+}
+
 fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                                 int64_t hk, int64_t chunk, void *buf)
 {
     const fa_fwd_params *f = &p->f;
     const fa_seq s = fa_seq_of(f, bi);
-    const int64_t d = f->d, d32 = D32(d), G = f->h / f->hk, nd = d32 / 16;
+    const int64_t d = f->d, d32 = D32(d), G = f->h / f->hk;
     const uint64_t thr = fa_dropout_threshold(f->dropout_p);
     scratch w = carve(buf, d);
 
@@ -241,76 +314,81 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
     for (int64_t g = 0; g < G && nqb > 0; g++)
         memset(dq_block(p, ws, chunk, bi, hk * G + g, 0), 0, (size_t)(nqb * AR * d32) * 4);
 
+    /* The chunk's key blocks k0 = (chunk + t nch) AK go in groups of KG consecutive ones (in t), and
+     * each query block meets the group's blocks back to back: its Q, dO (rows and transposes) and
+     * dQ partial block, which stream from L3 or memory when a head's rows exceed L2, are fetched
+     * once per group instead of once per key block, while the group's K/V blocks and dK^T/dV^T
+     * accumulators stay in L2. The summation order is the per-block one (each dK/dV block over
+     * (g, q0) in order, each dQ partial over the chunk's key blocks in order): results do not
+     * change with KG. */
+    const int64_t step = ws->nch * AK, kslab = AK * d32;
     fa_amx_configure();
-    for (int64_t k0 = chunk * AK; k0 < s.sk; k0 += ws->nch * AK) {
-        const int64_t nc = s.sk - k0 < AK ? s.sk - k0 : AK;
-        const uint16_t *Kd = kblock(p, ws, ws->Kt, bi, hk, k0), *Vd = kblock(p, ws, ws->Vt, bi, hk, k0);
-        const uint16_t *Kk = kblock(p, ws, ws->Kr, bi, hk, k0);
-        memset(w.dKT, 0, (size_t)(d32 * AK) * 4);
-        memset(w.dVT, 0, (size_t)(d32 * AK) * 4);
+    for (int64_t kg = chunk * AK; kg < s.sk; kg += KG * step) {
+        int64_t nb = 0;
+        while (nb < KG && kg + nb * step < s.sk)
+            nb++;
+        memset(w.dKT, 0, (size_t)(nb * kslab) * 4);
+        memset(w.dVT, 0, (size_t)(nb * kslab) * 4);
+        const int64_t klast = kg + (nb - 1) * step;
+        const int64_t kend = klast + (s.sk - klast < AK ? s.sk - klast : AK);
 
         for (int64_t g = 0; g < G; g++) {
             const int64_t h = hk * G + g;
             for (int64_t q0 = 0; q0 < s.sq; q0 += AR) {
                 const int64_t nr = s.sq - q0 < AR ? s.sq - q0 : AR;
-                if (!bw_bands(p, &s, q0, nr, k0, k0 + nc, w.lo, w.hi))
+                /* A superset test over the group's span (other chunks' blocks included); each
+                 * block is tested below. */
+                if (!bw_bands(p, &s, q0, nr, kg, kend, w.lo, w.hi))
                     continue;
                 const uint16_t *Q = qblock(p, ws, ws->Q, bi, h, q0), *dO = qblock(p, ws, ws->dO, bi, h, q0);
-                const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
+                float *dQb = dq_block(p, ws, chunk, bi, h, q0);
                 for (int64_t r = 0; r < nr; r++) {
                     const int64_t at = bw_ws_at(p, ws, &s, h, q0 + r);
                     w.stat[r] = ((const float *)ws->m)[at];
                     w.stat[AR + r] = ((const float *)ws->il)[at];
                     w.stat[2 * AR + r] = ((const float *)ws->D)[at];
                 }
-                /* S = Q K^T, dP = dO V^T */
-                tile_gemm(0, AR / 16, AK / 16, d32 / 32, Q, 16 * d32, 32, d32 * 2, Kd, 32 * AK, 32,
-                          AK * 4, w.S, 16 * AK, 16, AK * 4);
-                tile_gemm(0, AR / 16, AK / 16, d32 / 32, dO, 16 * d32, 32, d32 * 2, Vd, 32 * AK, 32,
-                          AK * 4, w.dP, 16 * AK, 16, AK * 4);
-                /* Rows past nr and keys past nc (zero padding) come out as P = 0, dX = 0. */
-                for (int64_t r = 0; r < nr; r++) {
-                    const int64_t c0 = (w.lo[r] > k0 ? w.lo[r] : k0) - k0;
-                    const int64_t c1 = (w.hi[r] < k0 + nc ? w.hi[r] : k0 + nc) - k0;
-                    bw_row(p, &s, h, q0 + r, k0, AK, c0, c1, w.stat[r], w.stat[AR + r],
-                           w.stat[2 * AR + r], w.S + r * AK, w.dP + r * AK, w.G, w.Z, thr);
+                /* The next query block (Q, dO with their transposes, dQ partials: each right after
+                 * this block's) into L2. */
+                const int64_t qbytes = q0 + AR < s.sq ? 2 * AR * d32 * 2 : 0;
+                bw_pf pf = bw_pf_init(Q + 2 * AR * d32, qbytes, dO + 2 * AR * d32, qbytes,
+                                      dQb + AR * d32, qbytes, nb * AR);
+                const uint16_t *dX[KG], *Kk[KG];
+                int64_t nx = 0;
+                for (int64_t t = 0; t < nb; t++) {
+                    const int64_t k0 = kg + t * step, nc = s.sk - k0 < AK ? s.sk - k0 : AK;
+                    if (!amx_reach(w.lo, w.hi, nr, k0, k0 + nc))
+                        continue;
+                    uint16_t *dSr = w.dSr + nx * AR * AK;
+                    amx_step(p, &s, bi, h, q0, nr, Q, dO, k0, nc, kblock(p, ws, ws->Kt, bi, hk, k0),
+                             kblock(p, ws, ws->Vt, bi, hk, k0), w.dKT + t * kslab, w.dVT + t * kslab,
+                             dSr, &w, thr, &pf);
+                    dX[nx] = dSr;
+                    Kk[nx++] = kblock(p, ws, ws->Kr, bi, hk, k0);
                 }
-                memset(w.S + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
-                memset(w.dP + nr * AK, 0, (size_t)((AR - nr) * AK) * 4);
-                pack_pairs(w.S, w.Pv);
-                pack_pairs(w.dP, w.dSv);
-                pack_rows(w.dP, w.dSr);
-                /* dV^T += dO^T P, dK^T += Q^T dX */
-                tile_gemm(1, nd, AK / 16, AR / 32, dOT, 16 * 32, 32 * d32, 64, w.Pv, 32 * AK, 32,
-                          AK * 4, w.dVT, 16 * AK, 16, AK * 4);
-                tile_gemm(1, nd, AK / 16, AR / 32, QT, 16 * 32, 32 * d32, 64, w.dSv, 32 * AK, 32,
-                          AK * 4, w.dKT, 16 * AK, 16, AK * 4);
-                /* dQ += dX K into the chunk's partial sums */
-                tile_gemm(1, AR / 16, nd, AK / 32, w.dSr, 16 * AK, 32, AK * 2, Kk, 32 * d32, 32,
-                          d32 * 4, dq_block(p, ws, chunk, bi, h, q0), 16 * d32, 16, d32 * 4);
-                if (p->dpse) {
-                    float *dpse = (float *)p->dpse;
-                    for (int64_t r = 0; r < nr; r++) {
-                        float *row = dpse + bi * p->dpse_sb + h * p->dpse_sh + (q0 + r) * p->dpse_sr;
-                        const float *x = w.dP + r * AK;
-                        for (int64_t c = 0; c < nc; c++)
-                            row[(k0 + c) * p->dpse_sc] += x[c];
-                    }
-                }
+                /* dQ += dX K for the group's blocks in one pass over the partial block's C tiles
+                 * (loaded and stored once per group rather than once per key block). */
+                if (nx)
+                    tile_gemm_n(1, AR / 16, d32 / 16, AK / 32, nx, dX, 16 * AK, 32, AK * 2, Kk, 32 * d32,
+                                32, d32 * 4, dQb, 16 * d32, 16, d32 * 4);
             }
         }
 
         float *row = w.S; /* free now: one gradient row */
-        for (int64_t c = 0; c < nc; c++) {
-            const int64_t phys = s.k_row0 + k0 + c;
-            for (int64_t k = 0; k < d; k++)
-                row[k] = w.dKT[k * AK + c];
-            bw_store(FA_BF16, row, d,
-                     (uint16_t *)p->dk + s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh);
-            for (int64_t k = 0; k < d; k++)
-                row[k] = w.dVT[k * AK + c];
-            bw_store(FA_BF16, row, d,
-                     (uint16_t *)p->dv + s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh);
+        for (int64_t t = 0; t < nb; t++) {
+            const int64_t k0 = kg + t * step, nc = s.sk - k0 < AK ? s.sk - k0 : AK;
+            const float *dKT = w.dKT + t * kslab, *dVT = w.dVT + t * kslab;
+            for (int64_t c = 0; c < nc; c++) {
+                const int64_t phys = s.k_row0 + k0 + c;
+                for (int64_t k = 0; k < d; k++)
+                    row[k] = dKT[k * AK + c];
+                bw_store(FA_BF16, row, d,
+                         (uint16_t *)p->dk + s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh);
+                for (int64_t k = 0; k < d; k++)
+                    row[k] = dVT[k * AK + c];
+                bw_store(FA_BF16, row, d,
+                         (uint16_t *)p->dv + s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh);
+            }
         }
     }
     _tile_release();

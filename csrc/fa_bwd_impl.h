@@ -244,7 +244,7 @@ static int bw_reach(const int64_t *lo, const int64_t *hi, int64_t nr, int64_t k0
  * replaced by zeros, since a GEMM row depends only on its own A row. */
 static void bw_block(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t q0, int64_t nr,
                      const acc_t *Q, const acc_t *dO, const acc_t *Kt, const acc_t *Vt, int64_t kb0,
-                     int64_t nc, int64_t ncp, bw_scratch *w, uint64_t thr)
+                     int64_t nc, int64_t ncp, bw_scratch *w, uint64_t thr, bw_pf *pf)
 {
     const int64_t d = p->f.d, dp = DPAD(d), nrp = RUP(nr, FA_MR);
     bw_gemm(0, nrp, ncp, d, Q, dp, 1, Kt, BC, w->S, BC);
@@ -258,6 +258,7 @@ static void bw_block(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t
         }
         bw_row(p, s, h, q0 + r, kb0, ncp, c0, c1, w->stat[r], w->stat[BR + r], w->stat[2 * BR + r],
                Sr, dPr, w->G, w->Z, thr);
+        bw_pf_some(pf);
     }
 }
 
@@ -320,6 +321,11 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                 const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
                 acc_t *dQr = dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0) * dp;
                 bw_stats(p, ws, &s, h, q0, nr, &w);
+                /* The next query block's rows (contiguous after this block's) into L2. */
+                const int64_t nn = s.sq - q0 - BR < BR ? (s.sq - q0 - BR > 0 ? s.sq - q0 - BR : 0) : BR;
+                const int64_t nbytes = nn * dp * (int64_t)sizeof(acc_t);
+                bw_pf pf = bw_pf_init(Q + BR * dp, nbytes, dO + BR * dp, nbytes, dQr + BR * dp, nbytes,
+                                      nb * nrp);
                 for (int64_t t = 0; t < nb; t++) {
                     const int64_t k0 = kg + t * step, nc = s.sk - k0 < BC ? s.sk - k0 : BC;
                     if (!bw_reach(w.lo, w.hi, nr, k0, k0 + nc))
@@ -327,7 +333,7 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                     const int64_t ncp = RUP(nc, VLEN), ncr = RUP(ncp, FA_MR);
                     const acc_t *Kt = w.Kt + t * d * BC, *Vt = w.Vt + t * d * BC, *Kr = w.Kr + t * dslab;
                     acc_t *dK = w.dK + t * dslab, *dV = w.dV + t * dslab;
-                    bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr);
+                    bw_block(p, &s, h, q0, nr, Q, dO, Kt, Vt, k0, nc, ncp, &w, thr, &pf);
                     /* dV += (P z r)^T dO and dK += dX^T Q: the transposes are read through A's
                      * strides; only the nr real rows enter the sum. Rows of dK/dV past nc see
                      * S/dP columns that bw_row zeroed (up to ncp) or never wrote (up to ncr);

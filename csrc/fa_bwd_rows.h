@@ -261,4 +261,32 @@ static int bw_bands(const fa_bwd_params *p, const fa_seq *s, int64_t q0, int64_t
     return any;
 }
 
+/* Software prefetch into L2 of the next query block's operands (Q, dO and dQ partial rows, each a
+ * contiguous region of the workspace) while the current one is computed: at long S they stream
+ * from L3 or memory once per key group, and the hardware prefetchers stop at each 4 KiB page. The
+ * dkdv loops issue a few lines after each row of bw_row work, since a burst of prefetches stalls
+ * on fill buffers. */
+typedef struct {
+    const char *at[3];
+    int64_t left[3]; /* cache lines still to prefetch in each region */
+    int64_t per;     /* lines per call of bw_pf_some */
+} bw_pf;
+
+/* Regions r[i] of n[i] bytes, spread over `calls` calls of bw_pf_some. */
+FA_INLINE bw_pf bw_pf_init(const void *r0, int64_t n0, const void *r1, int64_t n1, const void *r2,
+                           int64_t n2, int64_t calls)
+{
+    bw_pf pf = {{(const char *)r0, (const char *)r1, (const char *)r2},
+                {(n0 + 63) / 64, (n1 + 63) / 64, (n2 + 63) / 64}, 0};
+    pf.per = (pf.left[0] + pf.left[1] + pf.left[2] + calls - 1) / calls;
+    return pf;
+}
+
+FA_INLINE void bw_pf_some(bw_pf *pf)
+{
+    for (int64_t n = pf->per, i = 0; n > 0 && i < 3; i++)
+        for (; n > 0 && pf->left[i] > 0; n--, pf->left[i]--, pf->at[i] += 64)
+            __builtin_prefetch(pf->at[i], 0, 2);
+}
+
 #endif

@@ -216,7 +216,7 @@ def test_threads_bitwise_identical(c):
         assert a.tobytes() == b.tobytes()
 
 
-# Shapes around the AMX bf16 kernel's 64 x 64 blocks and 32-wide tiles (fa_bwd_bf16__amx.c):
+# Shapes around the AMX bf16 kernel's 128 x 64 blocks and 32-wide tiles (fa_bwd_bf16__amx.c):
 # ragged last blocks on both sides, d not a multiple of 32 or of 16, several dQ chunks (few kv
 # heads), GQA groups, and every score feature.
 AMX_CASES = [
@@ -226,6 +226,10 @@ AMX_CASES = [
     (1, 300, 97, 6, 2, 80, True, (20, 7), 12.0, True, 0.0),
     (1, 97, 300, 3, 1, 17, False, (-1, 40), 0.0, True, 0.25),
     (1, 70, 90, 2, 1, 512, True, (-1, -1), 0.0, False, 0.0),  # the largest head dim
+    # Groups of 4 key blocks in the dkdv pass: 2 chunks of 6 blocks (a full and a partial group),
+    # GQA and dropout; 4 chunks of 4-5 blocks under a causal band with alibi.
+    (2, 130, 700, 8, 4, 48, False, (-1, -1), 0.0, False, 0.1),
+    (2, 257, 1100, 4, 2, 64, True, (-1, -1), 0.0, True, 0.0),
 ]
 
 
@@ -237,12 +241,14 @@ def test_amx_bf16_blocks(c):
         check_case(c, "bf16")
 
 
-def test_amx_bf16_runs_on_tiles_and_is_thread_independent():
+@pytest.mark.parametrize("c", [(1, 150, 260, 4, 1, 64, True, (-1, -1), 0.0, False, 0.0),
+                               AMX_CASES[-1]], ids=case_id)
+def test_amx_bf16_runs_on_tiles_and_is_thread_independent(c):
     """bf16 on amx takes the tile kernel (P and dS rounded to bf16, so it differs from the float32
-    FMA path's result) and, like every backward, gives the same bits for 1 and 2 threads."""
+    FMA path's result) and, like every backward, gives the same bits for 1 and 2 threads (the
+    second case has groups of key blocks in its chunks)."""
     if "amx" not in ISAS:
         pytest.skip(f"amx: not supported by this CPU or build ({fa.cpu_info()})")
-    c = (1, 150, 260, 4, 1, 64, True, (-1, -1), 0.0, False, 0.0)
     results = []
     for isa, threads in (("amx", 1), ("amx", 2), ("avx512", 2)):
         with using_isa(isa), using_threads(threads):
