@@ -210,10 +210,7 @@ static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i
         uint64_t bits[FA_BWD_BLOCK_KEYS / 64 + 2] = {0};
         fa_keep_row_bits(f->seed, f->offset, bh, (uint64_t)i, kb0, c0, c1, thr, bits);
         for (int64_t c = 0; c < ncp; c += 16) {
-            const int64_t lo = c0 - c, hi = c1 - c; /* lanes inside the band */
-            const __mmask16 in = (__mmask16)((hi >= 16 ? 0xFFFFu : hi <= 0 ? 0u : (1u << hi) - 1) &
-                                             ~(lo <= 0 ? 0u : lo >= 16 ? 0xFFFFu : (1u << lo) - 1));
-            const __mmask16 k = in & fa_keep_bits16(bits, c);
+            const __mmask16 k = band16(c, c0, c1) & fa_keep_bits16(bits, c);
             if (sizeof(acc_t) == 4) {
                 _mm512_storeu_ps((float *)Z + c, _mm512_maskz_mov_ps(k, _mm512_set1_ps((float)r)));
             } else {

@@ -59,17 +59,6 @@ INL __m512 bf16_to_ps(__m256i h)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-INL __mmask16 tail16(int64_t n)
-{
-    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
-}
-
-/* Lanes of columns j..j+15 inside [c0, c1). */
-INL __mmask16 band16(int64_t j, int64_t c0, int64_t c1)
-{
-    return (__mmask16)(tail16(c1 - j) & ~tail16(c0 - j));
-}
-
 /* n floats times mul to bfloat16, rounded to nearest even with NaN kept quiet: fa_f32_to_bf16
  * of fa_cvt.h, 16 lanes at a time (vcvtneps2bf16 would flush denormals). */
 static void store_row_bf16(const float *src, float mul, int64_t n, uint16_t *dst)

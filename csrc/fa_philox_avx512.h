@@ -21,6 +21,18 @@
 
 #include "fa_philox.h"
 
+/* The first n of 16 lanes (none for n <= 0, all for n >= 16). */
+static inline __attribute__((always_inline)) __mmask16 tail16(int64_t n)
+{
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+/* Lanes of columns j..j+15 inside [c0, c1): a row's band, which the keep masks apply within. */
+static inline __attribute__((always_inline)) __mmask16 band16(int64_t j, int64_t c0, int64_t c1)
+{
+    return (__mmask16)(tail16(c1 - j) & ~tail16(c0 - j));
+}
+
 /* hi and lo 32 bits of the 64-bit products a * m, lane by lane: vpmuludq multiplies the even
  * lanes only, so the odd lanes are shifted down and multiplied separately. */
 static inline __attribute__((always_inline)) void fa_mul32x16(__m512i a, __m512i m, __m512i *hi,
@@ -144,10 +156,7 @@ static inline void fa_drop_row_f32(uint64_t seed, uint64_t offset, uint64_t bh, 
         fa_keep_row_bits(seed, offset, bh, row, kb0 + b0, e0 - b0, e1 - b0, thr, bits);
         for (int64_t b = (e0 - b0) & ~(int64_t)15; b < e1 - b0; b += 16) {
             /* lanes inside [e0, e1) whose draw says drop */
-            const int64_t lo = e0 - b0 - b, hi = e1 - b0 - b;
-            const __mmask16 in = (__mmask16)((hi >= 16 ? 0xFFFFu : (1u << hi) - 1) &
-                                             ~(lo <= 0 ? 0u : (1u << lo) - 1));
-            const __mmask16 drop = in & (__mmask16)~fa_keep_bits16(bits, b);
+            const __mmask16 drop = band16(b, e0 - b0, e1 - b0) & (__mmask16)~fa_keep_bits16(bits, b);
             if (drop)
                 _mm512_mask_storeu_ps(P + b0 + b, drop, _mm512_setzero_ps());
         }
