@@ -1,6 +1,7 @@
 /* fa_bwd_driver.c: run the backward on threads.
  *
- * Three phases in one OpenMP region, separated by the barriers of its work-sharing loops:
+ * Three phases in one OpenMP region (per panel, below), separated by the barriers of its
+ * work-sharing loops:
  *   1. prep over (batch, head, query block) and, for kernels that have one, packk over (batch,
  *      kv head, key block): D, the row statistics, and Q, dO (and K, V) converted once to the
  *      accumulator type in the kernels' layouts (the workspace: O(S d), the only extra memory
@@ -12,6 +13,18 @@
  * No output element is touched by two items and every item sums in a fixed order, so the results
  * are bitwise identical for any thread count. Items are handed out dynamically, costliest first
  * (causal and varlen work is uneven), as the forward driver does.
+ *
+ * Panels (memory): Q, dO and the dQ partial sums grow as (2 + nch) * rows * heads * d. Past a byte
+ * budget (48 MiB, fa_bwd_set_panel_budget) the three phases run once per panel of query positions
+ * [p0, p0 + pn) of every sequence, on workspace for that panel's rows only, so the backward's extra
+ * memory stays near the budget at any length (M1: 387 MiB at S = 32768 before, ~57 MiB with panels).
+ * dK/dV cross panels through the outputs: the first panel's dkdv items start them at zero and store
+ * them, each later one loads what the previous stored and continues the same sums (exact only when
+ * the outputs are in the accumulator type: float32 and float64 on the FMA kernels; bf16/f16 and the
+ * AMX kernel always run one panel). pn is a whole number of query blocks, so every dK/dV and dQ
+ * block sums the same block products in the same order as with one panel: with one query head per
+ * kv head the bits are the same; with GQA the group's heads enter each dK/dV block panel by panel.
+ * The extra work is one K/V conversion per panel and a dK/dV round trip through the outputs.
  *
  * Chunks: pass 2 has batch * kv heads * nch items. nch grows as batch * kv heads shrinks, so that
  * one long sequence with few heads still yields at least FA_BWD_MIN_ITEMS items for the cores,
@@ -98,6 +111,44 @@ static int64_t pairs(const fa_fwd_params *p, const fa_seq *s, int64_t q0, int64_
     return total;
 }
 
+/* Bytes of Q, dO and dQ partial sums above which the backward goes in panels (see the header). */
+static size_t panel_budget = (size_t)48 << 20;
+
+/* What the last call did (fa_bwd_last_plan): written once per call, for tests and tuning. */
+static int64_t last_panels, last_panel_rows, last_ws_bytes;
+
+size_t fa_bwd_set_panel_budget(size_t bytes)
+{
+    return __atomic_exchange_n(&panel_budget, bytes, __ATOMIC_RELAXED);
+}
+
+void fa_bwd_last_plan(int64_t *panels, int64_t *panel_rows, int64_t *ws_bytes)
+{
+    *panels = __atomic_load_n(&last_panels, __ATOMIC_RELAXED);
+    *panel_rows = __atomic_load_n(&last_panel_rows, __ATOMIC_RELAXED);
+    *ws_bytes = __atomic_load_n(&last_ws_bytes, __ATOMIC_RELAXED);
+}
+
+/* Query positions per panel: every position (one panel) unless the FMA kernels' Q, dO and dQ
+ * partial sums, per_row bytes per workspace row, would exceed the budget and the outputs can carry
+ * dK/dV from one panel to the next (they are in the accumulator type). A whole number of query
+ * blocks, so each panel's blocks are the single-panel ones. Depends on the problem only. */
+static int64_t panel_rows(const fa_bwd_params *p, const fa_bwd_kernel *k, int64_t rows,
+                          int64_t max_sq, size_t per_row)
+{
+    const fa_fwd_params *f = &p->f;
+    const int64_t br = k->block_rows;
+    if (max_sq < 1)
+        return 1;
+    const size_t budget = __atomic_load_n(&panel_budget, __ATOMIC_RELAXED);
+    if (k->ws_sizes || (f->dtype != FA_F32 && f->dtype != FA_F64) ||
+        per_row * (size_t)(rows + 8) <= budget)
+        return max_sq;
+    int64_t pn = (int64_t)(budget / (per_row * (size_t)f->b)) / br * br;
+    pn = pn < br ? br : pn;
+    return pn < max_sq ? pn : max_sq;
+}
+
 fa_status fa_bwd(const fa_bwd_params *p)
 {
     const fa_fwd_params *f = &p->f;
@@ -107,7 +158,7 @@ fa_status fa_bwd(const fa_bwd_params *p)
 
     const int pack = k->packk != NULL;
     int64_t rows = f->cu_q ? f->cu_q[f->b] : f->b * f->sq;
-    int64_t nq = 0, npk = 0, nkb = 0, max_kb = 1;
+    int64_t nq = 0, npk = 0, nkb = 0, max_kb = 1, max_sq = 0;
     for (int64_t bi = 0; bi < f->b; bi++) {
         fa_seq s = fa_seq_of(f, bi);
         int64_t kb = (s.sk + bc - 1) / bc;
@@ -115,6 +166,7 @@ fa_status fa_bwd(const fa_bwd_params *p)
         nkb += kb * f->hk;
         npk += pack ? kb * f->hk : 0;
         max_kb = kb > max_kb ? kb : max_kb;
+        max_sq = s.sq > max_sq ? s.sq : max_sq;
     }
     if (nq + nkb == 0)
         return FA_OK;
@@ -122,11 +174,18 @@ fa_status fa_bwd(const fa_bwd_params *p)
     nch = nch < max_kb ? nch : max_kb;
     const int64_t nk = f->b * f->hk * nch;
 
-    /* Workspace sizes, in accumulators. */
+    /* Workspace sizes, in accumulators: Q, dO and dQ partials for the first (largest) panel. */
     const int64_t dp = FA_BWD_DPAD(f->d);
-    const int64_t qstride = rows + 8; /* >= rows + FA_MR - 1: the last block's padding rows */
+    const int64_t pn = panel_rows(p, k, rows, max_sq, (size_t)((2 + nch) * f->h * dp) * acc);
+    int64_t wrows = rows; /* one panel: the statistics' row indices (a varlen cu_q may not start at 0) */
+    for (int64_t bi = 0; pn < max_sq && bi < f->b; bi++) {
+        int64_t sq = fa_seq_of(f, bi).sq;
+        wrows = (bi ? wrows : 0) + (sq < pn ? sq : pn);
+    }
+    const int64_t qstride = wrows + 8; /* >= rows + FA_MR - 1: the last block's padding rows */
     const int64_t krows = f->cu_k ? f->cu_k[f->b] : f->b * f->sk;
-    int64_t *kblk = malloc((size_t)(2 * f->b + 1) * sizeof(int64_t)), *qblk = kblk + f->b;
+    int64_t *kblk = malloc((size_t)(3 * f->b + 1) * sizeof(int64_t)), *qblk = kblk + f->b;
+    int64_t *prow = kblk + 2 * f->b + 1;
     int64_t blocks = 0, qblocks = 0;
     for (int64_t bi = 0; kblk && bi < f->b; bi++) {
         fa_seq s = fa_seq_of(f, bi);
@@ -138,7 +197,7 @@ fa_status fa_bwd(const fa_bwd_params *p)
     fa_bwd_ws ws;
     ws.rows = rows, ws.qstride = qstride, ws.krows = krows, ws.blocks = blocks, ws.dpad = dp;
     ws.nch = nch, ws.qblocks = qblocks;
-    ws.kblk = kblk, ws.qblk = qblk;
+    ws.kblk = kblk, ws.qblk = qblk, ws.prow = prow, ws.pn = pn;
     const size_t n_stat = (size_t)(rows * f->h), n_q = (size_t)(f->h * qstride * dp),
                  n_kt = pack ? (size_t)(f->hk * blocks * f->d * bc) : 0,
                  n_kr = pack ? (size_t)(f->hk * krows * dp) : 0;
@@ -173,76 +232,97 @@ fa_status fa_bwd(const fa_bwd_params *p)
     }
     if (!pack)
         ws.Kt = ws.Vt = ws.Kr = NULL;
-    /* Rows past the last query row are read as block padding: make them zeros, not garbage. */
-    for (int64_t h = 0; !k->ws_sizes && h < f->h; h++) {
-        memset((char *)ws.Q + (size_t)((h * qstride + rows) * dp) * acc, 0, (size_t)((qstride - rows) * dp) * acc);
-        memset((char *)ws.dO + (size_t)((h * qstride + rows) * dp) * acc, 0, (size_t)((qstride - rows) * dp) * acc);
-    }
-
-    bwd_item *ki = qi + nq, *pk = ki + nk;
-    int64_t a = 0, b = 0, c = 0;
-    for (int64_t bi = 0; bi < f->b; bi++) {
-        fa_seq s = fa_seq_of(f, bi);
-        for (int64_t q0 = 0; q0 < s.sq; q0 += br) {
-            int64_t n = s.sq - q0 < br ? s.sq - q0 : br;
-            int64_t cost = pairs(f, &s, q0, n, 0, s.sk) + n;
-            for (int64_t h = 0; h < f->h; h++)
-                qi[a++] = (bwd_item){cost, bi, h, q0};
-        }
-        for (int64_t ch = 0; ch < nch; ch++) {
-            int64_t cost = s.sq;
-            for (int64_t k0 = ch * bc; k0 < s.sk; k0 += nch * bc) {
-                int64_t k1 = s.sk - k0 < bc ? s.sk : k0 + bc;
-                cost += G * pairs(f, &s, 0, s.sq, k0, k1) + (k1 - k0);
-            }
-            for (int64_t hk = 0; hk < f->hk; hk++)
-                ki[b++] = (bwd_item){cost, bi, hk, ch};
-        }
-        for (int64_t k0 = 0; pack && k0 < s.sk; k0 += bc)
-            for (int64_t hk = 0; hk < f->hk; hk++)
-                pk[c++] = (bwd_item){0, bi, hk, k0};
-    }
-    qsort(qi, (size_t)nq, sizeof(bwd_item), by_cost_desc);
-    qsort(ki, (size_t)nk, sizeof(bwd_item), by_cost_desc);
 
     const size_t bytes = (k->scratch_bytes(p) + 63) / 64 * 64;
-    int64_t most = nq > nk ? nq : nk;
-    most = most > npk ? most : npk;
-    int nt = fa_get_num_threads();
-    if (nt > most)
-        nt = (int)most;
+    __atomic_store_n(&last_panels, (max_sq + pn - 1) / pn > 1 ? (max_sq + pn - 1) / pn : 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&last_panel_rows, pn, __ATOMIC_RELAXED);
+    __atomic_store_n(&last_ws_bytes, (int64_t)ws_bytes, __ATOMIC_RELAXED);
     volatile int failed = FA_OK;
+    int64_t p0 = 0;
+    do {
+        /* This panel's rows: positions [p0, p0 + pn) of every sequence, sequence by sequence. */
+        int64_t prows = 0;
+        for (int64_t bi = 0; bi < f->b; bi++) {
+            int64_t sq = fa_seq_of(f, bi).sq, n = sq - p0 < pn ? sq - p0 : pn;
+            prow[bi] = pn >= max_sq ? (f->cu_q ? f->cu_q[bi] : bi * f->sq) : prows;
+            prows += n > 0 ? n : 0;
+        }
+        prows = pn >= max_sq ? rows : prows;
+        ws.p0 = p0;
+        /* Rows past the panel's last query row are read as block padding: make them zeros, not
+         * garbage (or the previous panel's rows). */
+        const int64_t pad = qstride - prows < 8 ? qstride - prows : 8;
+        for (int64_t h = 0; !k->ws_sizes && h < f->h; h++) {
+            memset((char *)ws.Q + (size_t)((h * qstride + prows) * dp) * acc, 0, (size_t)(pad * dp) * acc);
+            memset((char *)ws.dO + (size_t)((h * qstride + prows) * dp) * acc, 0, (size_t)(pad * dp) * acc);
+        }
+
+        int64_t a = 0, b = 0, c = 0;
+        bwd_item *ki = qi + nq, *pk = ki + nk;
+        for (int64_t bi = 0; bi < f->b; bi++) {
+            fa_seq s = fa_seq_of(f, bi);
+            const int64_t p1 = s.sq - p0 < pn ? s.sq : p0 + pn;
+            for (int64_t q0 = p0; q0 < p1; q0 += br) {
+                int64_t n = p1 - q0 < br ? p1 - q0 : br;
+                int64_t cost = pairs(f, &s, q0, n, 0, s.sk) + n;
+                for (int64_t h = 0; h < f->h; h++)
+                    qi[a++] = (bwd_item){cost, bi, h, q0};
+            }
+            for (int64_t ch = 0; ch < nch; ch++) {
+                int64_t cost = p1 > p0 ? p1 - p0 : 0;
+                for (int64_t k0 = ch * bc; p1 > p0 && k0 < s.sk; k0 += nch * bc) {
+                    int64_t k1 = s.sk - k0 < bc ? s.sk : k0 + bc;
+                    cost += G * pairs(f, &s, p0, p1 - p0, k0, k1) + (k1 - k0);
+                }
+                for (int64_t hk = 0; hk < f->hk; hk++)
+                    ki[b++] = (bwd_item){cost, bi, hk, ch};
+            }
+            for (int64_t k0 = 0; pack && k0 < s.sk; k0 += bc)
+                for (int64_t hk = 0; hk < f->hk; hk++)
+                    pk[c++] = (bwd_item){0, bi, hk, k0};
+        }
+        const int64_t nqp = a; /* query items of this panel */
+        qsort(qi, (size_t)nqp, sizeof(bwd_item), by_cost_desc);
+        qsort(ki, (size_t)nk, sizeof(bwd_item), by_cost_desc);
+
+        int64_t most = nqp > nk ? nqp : nk;
+        most = most > npk ? most : npk;
+        int nt = fa_get_num_threads();
+        if (nt > most)
+            nt = (int)most;
 #pragma omp parallel num_threads(nt)
-    {
-        void *buf = aligned_alloc(64, bytes);
-        if (!buf)
-            failed = FA_ERR_NOMEM;
-        /* The loops below always run to their barriers, even after a failure, so no thread waits
-         * forever; a failed allocation only skips work. */
+        {
+            void *buf = aligned_alloc(64, bytes);
+            if (!buf)
+                failed = FA_ERR_NOMEM;
+            /* The loops below always run to their barriers, even after a failure, so no thread
+             * waits forever; a failed allocation only skips work. */
 #pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t it = 0; it < nq; it++)
-            k->prep(p, &ws, qi[it].bi, qi[it].h, qi[it].x0, br);
+            for (int64_t it = 0; it < nqp; it++)
+                k->prep(p, &ws, qi[it].bi, qi[it].h, qi[it].x0, br);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < npk; it++)
-            k->packk(p, &ws, pk[it].bi, pk[it].h, pk[it].x0);
+            for (int64_t it = 0; it < npk; it++)
+                k->packk(p, &ws, pk[it].bi, pk[it].h, pk[it].x0);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < nk; it++) {
-            if (!buf || failed != FA_OK)
-                continue;
-            fa_status st = k->dkdv(p, &ws, ki[it].bi, ki[it].h, ki[it].x0, buf);
-            if (st != FA_OK)
-                failed = st;
+            for (int64_t it = 0; it < nk; it++) {
+                if (!buf || failed != FA_OK)
+                    continue;
+                fa_status st = k->dkdv(p, &ws, ki[it].bi, ki[it].h, ki[it].x0, buf);
+                if (st != FA_OK)
+                    failed = st;
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t it = 0; it < nqp; it++) {
+                if (!buf || failed != FA_OK)
+                    continue;
+                fa_status st = k->dq(p, &ws, qi[it].bi, qi[it].h, qi[it].x0, buf);
+                if (st != FA_OK)
+                    failed = st;
+            }
+            free(buf);
         }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < nq; it++) {
-            if (!buf || failed != FA_OK)
-                continue;
-            fa_status st = k->dq(p, &ws, qi[it].bi, qi[it].h, qi[it].x0, buf);
-            if (st != FA_OK)
-                failed = st;
-        }
-        free(buf);
-    }
+        p0 += pn;
+    } while (p0 < max_sq && failed == FA_OK);
     free(qi);
     free(wsbuf);
     free(kblk);

@@ -20,6 +20,8 @@
  *         dV += (P z r)^T dO, dK += dX^T Q (owned rows: the group sum needs no reduction) and
  *         dQ += dX K into the chunk's own dQ partial sums;
  *   dq    one query block of one (batch, head): dQ = the chunks' partial sums, added in order.
+ * Each entry point covers the current panel's query rows only (fa_bwd_ws: p0, pn, prow); dkdv of a
+ * panel after the first continues dK/dV from the outputs (fa_bwd_driver.c, "Panels").
  * That is FlashAttention-2's 5 block GEMMs per (query block, key block). Where the GPU kernel adds
  * dQ with atomics, the partial sums per chunk give the same work with no races and a fixed
  * summation order: the number of chunks depends on the problem only (fa_bwd_driver.c), so results
@@ -180,7 +182,8 @@ static bw_scratch bw_carve(void *buf, int64_t d)
 FA_INLINE const acc_t *bw_rows(const fa_bwd_params *p, const fa_bwd_ws *ws, const void *base,
                                const fa_seq *s, int64_t h, int64_t i)
 {
-    return (const acc_t *)base + (h * ws->qstride + bw_qrow(p, s, i)) * ws->dpad;
+    (void)p;
+    return (const acc_t *)base + (h * ws->qstride + bw_prow(ws, s, i)) * ws->dpad;
 }
 
 /* ---- packing ------------------------------------------------------------------------------------ */
@@ -287,10 +290,15 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
     acc_t *dQp = (acc_t *)ws->dQp + chunk * part;
     bw_scratch w = bw_carve(buf, d);
 
+    /* The panel's query rows of this sequence: [p0, p1). */
+    const int64_t p0 = ws->p0, p1 = s.sq < p0 + ws->pn ? s.sq : p0 + ws->pn;
+    if (p1 <= p0 && p0 > 0)
+        return FA_OK; /* no rows here: dK/dV keep what the earlier panels stored */
+
     /* This item alone owns its chunk's partial sums of the group's rows: start them at zero. */
-    for (int64_t g = 0; g < G; g++)
-        memset(dQp + (hk * G + g) * ws->qstride * dp + bw_qrow(p, &s, 0) * dp, 0,
-               (size_t)(s.sq * dp) * sizeof(acc_t));
+    for (int64_t g = 0; p1 > p0 && g < G; g++)
+        memset(dQp + (hk * G + g) * ws->qstride * dp + bw_prow(ws, &s, p0) * dp, 0,
+               (size_t)((p1 - p0) * dp) * sizeof(acc_t));
 
     /* The chunk's key blocks k0 = (chunk + t nch) BC go in groups of KG consecutive ones (in t).
      * For each query block the group's blocks run back to back, so the query block's Q, dO and
@@ -303,26 +311,53 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
         int64_t nb = 0;
         while (nb < KG && kg + nb * step < s.sk)
             nb++;
-        memset(w.dK, 0, (size_t)(nb * dslab) * sizeof(acc_t));
-        memset(w.dV, 0, (size_t)(nb * dslab) * sizeof(acc_t));
+        const int64_t klast = kg + (nb - 1) * step, kend = klast + (s.sk - klast < BC ? s.sk - klast : BC);
+        /* The first panel starts dK/dV at zero and stores every key (zeros where no row looks);
+         * a later one continues from what the previous panel stored (exact: the outputs are in
+         * acc_t, fa_bwd_driver.c), and skips a group that none of its rows reaches. */
+        if (p0 > 0) {
+            int any = 0;
+            for (int64_t q0 = p0; !any && q0 < p1; q0 += BR)
+                any = bw_bands(p, &s, q0, p1 - q0 < BR ? p1 - q0 : BR, kg, kend, w.lo, w.hi);
+            if (!any)
+                continue;
+        }
+        for (int64_t t = 0; t < nb; t++) {
+            const int64_t k0 = kg + t * step, nc = s.sk - k0 < BC ? s.sk - k0 : BC;
+            if (p0 == 0) {
+                memset(w.dK + t * dslab, 0, (size_t)dslab * sizeof(acc_t));
+                memset(w.dV + t * dslab, 0, (size_t)dslab * sizeof(acc_t));
+                continue;
+            }
+            for (int64_t c = 0; c < nc; c++) {
+                const int64_t phys = s.k_row0 + k0 + c;
+                acc_t *dk = w.dK + t * dslab + c * dp, *dv = w.dV + t * dslab + c * dp;
+                bw_load(f->dtype, (const char *)p->dk + (s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh) * es, d, dk);
+                bw_load(f->dtype, (const char *)p->dv + (s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh) * es, d, dv);
+                for (int64_t x = d; x < dp; x++)
+                    dk[x] = dv[x] = 0;
+            }
+            /* Rows past a ragged block's last key take sums that are never stored: keep them
+             * defined. */
+            memset(w.dK + t * dslab + nc * dp, 0, (size_t)((BC - nc) * dp) * sizeof(acc_t));
+            memset(w.dV + t * dslab + nc * dp, 0, (size_t)((BC - nc) * dp) * sizeof(acc_t));
+        }
         for (int64_t t = 0; t < nb; t++)
             bw_pack(p, &s, hk, kg + t * step, w.Kt + t * d * BC, w.Vt + t * d * BC, w.Kr + t * dslab);
 
         for (int64_t g = 0; g < G; g++) {
             const int64_t h = hk * G + g;
-            for (int64_t q0 = 0; q0 < s.sq; q0 += BR) {
-                const int64_t nr = s.sq - q0 < BR ? s.sq - q0 : BR, nrp = RUP(nr, FA_MR);
+            for (int64_t q0 = p0; q0 < p1; q0 += BR) {
+                const int64_t nr = p1 - q0 < BR ? p1 - q0 : BR, nrp = RUP(nr, FA_MR);
                 /* Skip query blocks that reach none of the group's span (which includes other
                  * chunks' blocks when nch > 1: a cheap superset test; each block is tested below). */
-                const int64_t klast = kg + (nb - 1) * step;
-                if (!bw_bands(p, &s, q0, nr, kg, klast + (s.sk - klast < BC ? s.sk - klast : BC),
-                              w.lo, w.hi))
+                if (!bw_bands(p, &s, q0, nr, kg, kend, w.lo, w.hi))
                     continue;
                 const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
-                acc_t *dQr = dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0) * dp;
+                acc_t *dQr = dQp + h * ws->qstride * dp + bw_prow(ws, &s, q0) * dp;
                 bw_stats(p, ws, &s, h, q0, nr, &w);
                 /* The next query block's rows (contiguous after this block's) into L2. */
-                const int64_t nn = s.sq - q0 - BR < BR ? (s.sq - q0 - BR > 0 ? s.sq - q0 - BR : 0) : BR;
+                const int64_t nn = p1 - q0 - BR < BR ? (p1 - q0 - BR > 0 ? p1 - q0 - BR : 0) : BR;
                 const int64_t nbytes = nn * dp * (int64_t)sizeof(acc_t);
                 bw_pf pf = bw_pf_init(Q + BR * dp, nbytes, dO + BR * dp, nbytes, dQr + BR * dp, nbytes,
                                       nb * nrp);
@@ -389,7 +424,7 @@ fa_status FA_NAME(dq)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, i
     const int64_t part = f->h * ws->qstride * dp;
     bw_scratch w = bw_carve(buf, d);
     for (int64_t r = 0; r < nr; r++) {
-        const acc_t *src = (const acc_t *)ws->dQp + h * ws->qstride * dp + bw_qrow(p, &s, q0 + r) * dp;
+        const acc_t *src = (const acc_t *)ws->dQp + h * ws->qstride * dp + bw_prow(ws, &s, q0 + r) * dp;
         for (int64_t x = 0; x < dp; x += VLEN) {
             vec_t a = vload(src + x);
             for (int64_t c = 1; c < ws->nch; c++)

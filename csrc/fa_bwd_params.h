@@ -67,9 +67,16 @@ typedef struct {
  * chunk's own dQ partial sums; and a pass over (batch, head, query block) that adds the chunks'
  * partial sums in a fixed order. Extra memory: the converted copies and the partial sums
  * ((2 + chunks) * rows * heads * d accumulators, plus 3 * keys * kv heads * d for kernels with a
- * packk; O(S d), never S x S) plus one block scratch per thread; results do not depend on the
- * thread count. */
+ * packk; O(S d), never S x S; for float32/float64 capped near a budget by running the passes per
+ * panel of query rows) plus one block scratch per thread; results do not depend on the thread
+ * count. */
 fa_status fa_bwd(const fa_bwd_params *p);
+
+/* Bytes the backward may give Q, dO and the dQ partial sums before it splits the query positions
+ * into panels (fa_bwd_driver.c); returns the previous value. Process-wide; for tests and tuning. */
+size_t fa_bwd_set_panel_budget(size_t bytes);
+/* The last call's plan: query panels, positions per panel, workspace bytes (tests and tuning). */
+void fa_bwd_last_plan(int64_t *panels, int64_t *panel_rows, int64_t *ws_bytes);
 
 /* ---- per-ISA entry points (fa_bwd_impl.h) ---- */
 
@@ -81,9 +88,15 @@ fa_status fa_bwd(const fa_bwd_params *p);
  *   Kr        [hk][krows][dpad]: keys row-major
  *   dQp       [nch][h][qstride][dpad]: dQ partial sums, chunk c holding the contributions of key
  *             blocks c, c + nch, c + 2 nch, ... (zeroed and filled by the chunk's dkdv items)
- * A query row's index is its packed row (varlen) or batch * sq + row; a key's is cu_k[batch] + key
- * or batch * sk + key; sequence bi's key blocks start at kblk[bi], its query blocks (of the
- * kernel's block_rows) at qblk[bi], qblocks in all.
+ * D, m, il index a query row by its packed row (varlen) or batch * sq + row (rows in all); a key's
+ * index is cu_k[batch] + key or batch * sk + key; sequence bi's key blocks start at kblk[bi], its
+ * query blocks (of the kernel's block_rows) at qblk[bi], qblocks in all.
+ * Panels (memory-bounded backward, fa_bwd_driver.c): the driver may run the three passes once per
+ * panel of query positions [p0, p0 + pn) of every sequence, Q, dO and dQp then holding only the
+ * panel's rows: row i of sequence bi at prow[bi] + i - p0 (bw_prow). dkdv items of a panel after
+ * the first continue dK/dV from the values the previous panel stored in the outputs, so panels are
+ * used only where the outputs are in the accumulator type. With one panel (p0 = 0, pn >= every
+ * sequence), prow[bi] is the row index above.
  * A kernel with its own layout for Q, dO, Kt, Vt, Kr, dQp (ws_sizes set: the AMX bf16 kernel)
  * gets those six arrays with the sizes it asks for and defines their contents itself; D, m, il
  * are common. */
@@ -92,6 +105,8 @@ typedef struct {
     void *Q, *dO, *Kt, *Vt, *Kr, *dQp;
     int64_t rows, qstride, krows, blocks, dpad, nch, qblocks;
     const int64_t *kblk, *qblk;
+    int64_t p0, pn;      /* the panel: query positions [p0, p0 + pn) of every sequence */
+    const int64_t *prow; /* [b]: workspace row of position p0 of sequence bi (Q, dO, dQp) */
 } fa_bwd_ws;
 
 typedef void (*fa_bwd_prep_fn)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,

@@ -85,10 +85,16 @@ FA_INLINE acc_t bw_one(fa_dtype t, const void *base, int64_t idx)
 
 /* ---- workspace addressing ------------------------------------------------------------------------ */
 
-/* Workspace row of row i of sequence s (the statistics' and packed Q/dO's row index). */
+/* Row index of row i of sequence s in the statistics D, m, il (fa_bwd_ws). */
 FA_INLINE int64_t bw_qrow(const fa_bwd_params *p, const fa_seq *s, int64_t i)
 {
     return p->f.cu_q ? s->q_row0 + i : s->bi * p->f.sq + i;
+}
+
+/* Workspace row of query row i of sequence s in the current panel's Q, dO, dQp (fa_bwd_ws). */
+FA_INLINE int64_t bw_prow(const fa_bwd_ws *ws, const fa_seq *s, int64_t i)
+{
+    return ws->prow[s->bi] + i - ws->p0;
 }
 
 FA_INLINE int64_t bw_ws_at(const fa_bwd_params *p, const fa_bwd_ws *ws, const fa_seq *s, int64_t h,

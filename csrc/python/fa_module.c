@@ -997,6 +997,24 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *unused)
     return PyLong_FromLong(fa_get_num_threads());
 }
 
+static PyObject *py_set_bwd_panel_budget(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    unsigned long long n = PyLong_AsUnsignedLongLong(arg);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromSize_t(fa_bwd_set_panel_budget((size_t)n));
+}
+
+static PyObject *py_bwd_last_plan(PyObject *self, PyObject *unused)
+{
+    (void)self, (void)unused;
+    int64_t panels, rows, bytes;
+    fa_bwd_last_plan(&panels, &rows, &bytes);
+    return Py_BuildValue("{s:L,s:L,s:L}", "panels", (long long)panels, "panel_rows", (long long)rows,
+                         "workspace_bytes", (long long)bytes);
+}
+
 static PyObject *py_register_bf16(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -1017,6 +1035,10 @@ static PyMethodDef methods[] = {
     {"best_isa", py_best_isa, METH_NOARGS, "The fastest family this CPU supports and the build has."},
     {"set_num_threads", py_set_num_threads, METH_O, "Threads used by the kernels."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Threads used by the kernels."},
+    {"_set_bwd_panel_budget", py_set_bwd_panel_budget, METH_O,
+     "Bytes of backward workspace before query panels (testing/tuning); returns the old value."},
+    {"_bwd_last_plan", py_bwd_last_plan, METH_NOARGS,
+     "The last backward's query panels, positions per panel and workspace bytes (testing)."},
     {"register_bfloat16", py_register_bf16, METH_O, "Tell the binding which dtype is bfloat16."},
     {NULL, NULL, 0, NULL},
 };
