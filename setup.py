@@ -52,7 +52,7 @@ class BuildExt(build_ext):
 ext = Extension(
     "flash_attn_c._C",
     sources=["csrc/python/fa_module.c", "csrc/fa_driver.c", "csrc/fa_dispatch.c", "csrc/fa_aux.c",
-             "csrc/fa_bwd_driver.c"],
+             "csrc/fa_bwd_driver.c", "csrc/fa_workspace.c"],
     depends=[os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".h")],
     include_dirs=[np.get_include(), "csrc"],
 )

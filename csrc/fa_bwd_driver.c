@@ -36,16 +36,13 @@
  * tile kernel (fa_bwd_bf16__amx.c, its own workspace layout); every other dtype on a family without
  * a backward build of its own (AMX) uses the best one below it.
  */
-#define _GNU_SOURCE /* madvise */
 #include <stdlib.h>
 #include <string.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "fa_bwd_params.h"
 #include "fa_kernels.h"
 #include "fa_seq.h"
+#include "fa_workspace.h"
 
 #define FA_BWD_MIN_ITEMS 16
 
@@ -205,22 +202,15 @@ fa_status fa_bwd(const fa_bwd_params *p)
     if (k->ws_sizes)
         k->ws_sizes(p, &ws, sz);
     bwd_item *qi = malloc((size_t)(nq + nk + npk) * sizeof(bwd_item));
-    /* The workspace is large (tens of MB) and new on every call: 2 MB pages, where the OS allows
-     * them on request, cut its first-touch page faults and TLB misses by 512x. Every array starts
-     * on a cache line. */
-    const size_t huge = (size_t)2 << 20;
-    size_t ws_bytes = 3 * ((n_stat * acc + 63) / 64 * 64);
+    /* The workspace (tens of MB) comes from the drivers' cache (fa_workspace.h): warm pages when
+     * the previous call's fit. Every array starts on a cache line. */
+    size_t ws_bytes = 3 * ((n_stat * acc + 63) / 64 * 64), ws_cap = 0;
     for (int i = 0; i < 6; i++)
         ws_bytes += (sz[i] + 63) / 64 * 64;
-    ws_bytes = (ws_bytes + huge) / huge * huge;
-    char *wsbuf = aligned_alloc(huge, ws_bytes);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (wsbuf)
-        madvise(wsbuf, ws_bytes, MADV_HUGEPAGE);
-#endif
+    char *wsbuf = fa_ws_take(ws_bytes, &ws_cap);
     if (!qi || !wsbuf || !kblk) {
         free(qi);
-        free(wsbuf);
+        fa_ws_give(wsbuf, ws_cap);
         free(kblk);
         return FA_ERR_NOMEM;
     }
@@ -236,7 +226,7 @@ fa_status fa_bwd(const fa_bwd_params *p)
     const size_t bytes = (k->scratch_bytes(p) + 63) / 64 * 64;
     __atomic_store_n(&last_panels, (max_sq + pn - 1) / pn > 1 ? (max_sq + pn - 1) / pn : 1, __ATOMIC_RELAXED);
     __atomic_store_n(&last_panel_rows, pn, __ATOMIC_RELAXED);
-    __atomic_store_n(&last_ws_bytes, (int64_t)ws_bytes, __ATOMIC_RELAXED);
+    __atomic_store_n(&last_ws_bytes, (int64_t)ws_cap, __ATOMIC_RELAXED);
     volatile int failed = FA_OK;
     int64_t p0 = 0;
     do {
@@ -324,7 +314,7 @@ fa_status fa_bwd(const fa_bwd_params *p)
         p0 += pn;
     } while (p0 < max_sq && failed == FA_OK);
     free(qi);
-    free(wsbuf);
+    fa_ws_give(wsbuf, ws_cap);
     free(kblk);
     return (fa_status)failed;
 }

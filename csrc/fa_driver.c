@@ -11,12 +11,8 @@
  * the items then stream contiguous, already converted rows instead of re-gathering rows a head
  * stride apart (one page walk per row at BSHD strides) for every query block.
  */
-#define _GNU_SOURCE /* madvise */
 #include <stdlib.h>
 #include <string.h>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -24,6 +20,7 @@
 #include "fa_aux.h"
 #include "fa_kernels.h"
 #include "fa_seq.h"
+#include "fa_workspace.h"
 
 static int num_threads = 0; /* 0: OpenMP default */
 
@@ -144,6 +141,7 @@ static fa_status run_items(const fa_fwd_params *ps, int64_t nsplit)
      * after the other, so the extra memory stays bounded (a long sequence's K/V copy alone can
      * be tens of MiB) while every wave still has many items to balance. */
     char *packed = NULL;
+    size_t packed_cap = 0;
     const int64_t groups = p->b * p->hk;
     int64_t *pack_off = NULL, *wave_of = NULL, nwaves = 1;
     if (k->pack && nsplit == 1) {
@@ -171,13 +169,7 @@ static fa_status run_items(const fa_fwd_params *ps, int64_t nsplit)
                 used += one;
                 widest = used > widest ? used : widest;
             }
-            /* 2 MiB alignment lets transparent huge pages back the buffer (fewer TLB misses). */
-            const size_t huge = (size_t)2 << 20, size = ((size_t)widest + huge - 1) / huge * huge;
-            packed = widest > 0 ? aligned_alloc(huge, size) : NULL;
-#ifdef MADV_HUGEPAGE
-            if (packed)
-                madvise(packed, size, MADV_HUGEPAGE);
-#endif
+            packed = widest > 0 ? fa_ws_take((size_t)widest, &packed_cap) : NULL;
         }
         if (!packed) { /* nothing to share, or no memory for the copy: read K/V in place */
             free(pack_off);
@@ -229,7 +221,7 @@ static fa_status run_items(const fa_fwd_params *ps, int64_t nsplit)
         }
         free(buf);
     }
-    free(packed);
+    fa_ws_give(packed, packed_cap);
     free(pack_off);
     free(wave_of);
     free(items);

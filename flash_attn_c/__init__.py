@@ -4,7 +4,8 @@ C kernels (scalar, AVX2, AVX-512; chosen at import) behind flash-attn 2.8 and to
 functions on NumPy arrays. See README.md for the API table and flash_attn_c.testing for verifying
 other implementations against flash_attn_c.reference.
 """
-from ._runtime import cpu_info, get_num_threads, set_num_threads, set_isa, bfloat16
+from ._runtime import (cpu_info, get_num_threads, set_num_threads, set_isa, bfloat16, release_workspace,
+                       workspace_cached)
 from ._rng import manual_seed
 from .kvcache import combine_partials, flash_attn_with_kvcache
 from .flash_attn_interface import (
@@ -49,6 +50,8 @@ __all__ = [
     "cpu_info",
     "set_num_threads",
     "get_num_threads",
+    "release_workspace",
+    "workspace_cached",
     "set_isa",
     "bfloat16",
 ]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import flash_attn_c as fa
+from flash_attn_c import _C
 from flash_attn_c import _runtime
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -25,6 +26,15 @@ def poison_outputs():
     _runtime.POISON_OUTPUTS = True
     yield
     _runtime.POISON_OUTPUTS = old
+
+
+@pytest.fixture(autouse=True, scope="session")
+def poison_workspace():
+    """Every workspace buffer the kernels take (fresh or reused from the cache) starts as 0xff
+    bytes (NaN): a kernel reading workspace it never wrote fails instead of seeing zeros."""
+    _C._poison_workspace(True)
+    yield
+    _C._poison_workspace(False)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@
 #include "../fa_kernels.h"
 #include "../fa_params.h"
 #include "../fa_bwd_params.h"
+#include "../fa_workspace.h"
 
 static PyArray_Descr *bf16_descr = NULL; /* ml_dtypes.bfloat16, registered at import */
 
@@ -1015,6 +1016,41 @@ static PyObject *py_bwd_last_plan(PyObject *self, PyObject *unused)
                          "workspace_bytes", (long long)bytes);
 }
 
+static PyObject *py_release_workspace(PyObject *self, PyObject *unused)
+{
+    (void)self, (void)unused;
+    return PyLong_FromSize_t(fa_ws_release());
+}
+
+static PyObject *py_workspace_cached(PyObject *self, PyObject *unused)
+{
+    (void)self, (void)unused;
+    return PyLong_FromSize_t(fa_ws_cached());
+}
+
+static PyObject *py_workspace_cycle(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    size_t n = PyLong_AsSize_t(arg), cap = 0;
+    if (n == (size_t)-1 && PyErr_Occurred())
+        return NULL;
+    void *p = fa_ws_take(n, &cap);
+    if (!p)
+        return PyErr_NoMemory();
+    fa_ws_give(p, cap);
+    return PyLong_FromSize_t(cap);
+}
+
+static PyObject *py_poison_workspace(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    fa_ws_set_poison(on);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_register_bf16(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -1039,6 +1075,13 @@ static PyMethodDef methods[] = {
      "Bytes of backward workspace before query panels (testing/tuning); returns the old value."},
     {"_bwd_last_plan", py_bwd_last_plan, METH_NOARGS,
      "The last backward's query panels, positions per panel and workspace bytes (testing)."},
+    {"release_workspace", py_release_workspace, METH_NOARGS,
+     "Free the workspace buffers kept between calls; returns the bytes freed."},
+    {"workspace_cached", py_workspace_cached, METH_NOARGS, "Bytes of workspace kept between calls."},
+    {"_workspace_cycle", py_workspace_cycle, METH_O,
+     "Testing: take a workspace buffer of n bytes and give it back; returns its capacity."},
+    {"_poison_workspace", py_poison_workspace, METH_O,
+     "Testing: fill every workspace buffer with 0xff bytes when taken."},
     {"register_bfloat16", py_register_bf16, METH_O, "Tell the binding which dtype is bfloat16."},
     {NULL, NULL, 0, NULL},
 };
