@@ -61,12 +61,13 @@ FA_INLINE vec_t bw_bcast(acc_t x)
     return __builtin_shuffle(v, (veci_t){0});
 }
 
-/* C[FA_MR x NV*VLEN] (+)= A[FA_MR x kn] . B[kn x NV*VLEN], A(r, k) = A[r*ars + k*aks]. The FA_MR x NV
- * accumulators stay in registers for the whole k loop: per k, NV vector loads of B and FA_MR
- * broadcasts feed FA_MR*NV FMAs. */
+/* C[FA_MR x NV*VLEN] (+)= A[FA_MR x kn] . B[kn x NV*VLEN], A(r, k) = A[r*ars + k*aks]; without add,
+ * C = mul (A . B) (the score scale applied as the tile is stored). The FA_MR x NV accumulators
+ * stay in registers for the whole k loop: per k, NV vector loads of B and FA_MR broadcasts feed
+ * FA_MR*NV FMAs. */
 FA_INLINE void bw_tile(const int NV, const int add, const acc_t *restrict A, int64_t ars,
                        int64_t aks, const acc_t *restrict B, int64_t ldb, int64_t kn,
-                       acc_t *restrict C, int64_t ldc)
+                       acc_t *restrict C, int64_t ldc, acc_t mul)
 {
     /* With add, the block's sum starts from zero and is added to C once: a two-level summation,
      * so the rounding error of dK/dV/dQ grows with the block size plus the number of blocks, not
@@ -87,13 +88,14 @@ FA_INLINE void bw_tile(const int NV, const int add, const acc_t *restrict A, int
     }
     for (int r = 0; r < FA_MR; r++)
         for (int v = 0; v < NV; v++)
-            vstore(C + r * ldc + v * VLEN, add ? vload(C + r * ldc + v * VLEN) + acc[r][v] : acc[r][v]);
+            vstore(C + r * ldc + v * VLEN, add ? vload(C + r * ldc + v * VLEN) + acc[r][v] : acc[r][v] * mul);
 }
 
-/* C[rows x cols] (+)= A . B; rows a multiple of FA_MR, cols of VLEN. The register tile's vector
- * count is a compile-time constant in each instance, chosen for the columns left. */
+/* C[rows x cols] (+)= A . B (without add: C = mul (A . B)); rows a multiple of FA_MR, cols of
+ * VLEN. The register tile's vector count is a compile-time constant in each instance, chosen for
+ * the columns left. */
 static void bw_gemm(int add, int64_t rows, int64_t cols, int64_t kn, const acc_t *A, int64_t ars,
-                    int64_t aks, const acc_t *B, int64_t ldb, acc_t *C, int64_t ldc)
+                    int64_t aks, const acc_t *B, int64_t ldb, acc_t *C, int64_t ldc, acc_t mul)
 {
     for (int64_t c0 = 0; c0 < cols; c0 += FA_NR * VLEN) {
         int64_t nv = (cols - c0) / VLEN;
@@ -102,24 +104,24 @@ static void bw_gemm(int add, int64_t rows, int64_t cols, int64_t kn, const acc_t
             acc_t *c = C + r0 * ldc + c0;
             if (nv >= FA_NR) {
                 if (add)
-                    bw_tile(FA_NR, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(FA_NR, 1, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
                 else
-                    bw_tile(FA_NR, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(FA_NR, 0, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
             } else if (nv == 1) {
                 if (add)
-                    bw_tile(1, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(1, 1, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
                 else
-                    bw_tile(1, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(1, 0, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
             } else if (FA_NR > 2 && nv == 2) {
                 if (add)
-                    bw_tile(2, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(2, 1, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
                 else
-                    bw_tile(2, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(2, 0, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
             } else if (FA_NR > 3 && nv == 3) {
                 if (add)
-                    bw_tile(3, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(3, 1, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
                 else
-                    bw_tile(3, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(3, 0, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
             }
         }
     }
@@ -247,8 +249,11 @@ static void bw_block(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t
                      int64_t nc, int64_t ncp, bw_scratch *w, uint64_t thr, bw_pf *pf)
 {
     const int64_t d = p->f.d, dp = DPAD(d), nrp = RUP(nr, FA_MR);
-    bw_gemm(0, nrp, ncp, d, Q, dp, 1, Kt, BC, w->S, BC);
-    bw_gemm(0, nrp, ncp, d, dO, dp, 1, Vt, BC, w->dP, BC);
+    /* Plain scores leave the GEMM already scaled (as the forward's tile store does): one
+     * multiply per stored vector instead of a pass over the block in bw_row. */
+    const int plain = bw_plain(&p->f);
+    bw_gemm(0, nrp, ncp, d, Q, dp, 1, Kt, BC, w->S, BC, plain ? (acc_t)p->f.scale : 1);
+    bw_gemm(0, nrp, ncp, d, dO, dp, 1, Vt, BC, w->dP, BC, 1);
     for (int64_t r = 0; r < nrp; r++) {
         acc_t *Sr = w->S + r * BC, *dPr = w->dP + r * BC;
         int64_t c0 = 0, c1 = 0;
@@ -256,8 +261,8 @@ static void bw_block(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t
             c0 = (w->lo[r] > kb0 ? w->lo[r] : kb0) - kb0;
             c1 = (w->hi[r] < kb0 + nc ? w->hi[r] : kb0 + nc) - kb0;
         }
-        bw_row(p, s, h, q0 + r, kb0, ncp, c0, c1, w->stat[r], w->stat[BR + r], w->stat[2 * BR + r],
-               Sr, dPr, w->G, w->Z, thr);
+        bw_row_s(p, s, h, q0 + r, kb0, ncp, c0, c1, w->stat[r], w->stat[BR + r],
+                 w->stat[2 * BR + r], Sr, dPr, w->G, w->Z, thr, plain);
         bw_pf_some(pf);
     }
 }
@@ -338,15 +343,15 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                      * strides; only the nr real rows enter the sum. Rows of dK/dV past nc see
                      * S/dP columns that bw_row zeroed (up to ncp) or never wrote (up to ncr);
                      * they are never stored. */
-                    bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, dV, dp);
-                    bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, dK, dp);
+                    bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, dV, dp, 1);
+                    bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, dK, dp, 1);
                     /* dQ += dX K into the chunk's partial sums. A ragged last block goes through
                      * the scratch: its padding rows are another sequence's rows, owned by another
                      * item. */
                     if (nr == nrp) {
-                        bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, Kr, dp, dQr, dp);
+                        bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, Kr, dp, dQr, dp, 1);
                     } else {
-                        bw_gemm(0, nrp, dp, nc, w.dP, BC, 1, Kr, dp, w.dQ, dp);
+                        bw_gemm(0, nrp, dp, nc, w.dP, BC, 1, Kr, dp, w.dQ, dp, 1);
                         for (int64_t x = 0; x < nr * dp; x += VLEN)
                             vstore(dQr + x, vload(dQr + x) + vload(w.dQ + x));
                     }
