@@ -187,6 +187,45 @@ FA_INLINE const acc_t *bw_rows(const fa_bwd_params *p, const fa_bwd_ws *ws, cons
 
 /* ---- packing ------------------------------------------------------------------------------------ */
 
+#if defined(__AVX512F__) && !FA_ACC_IS_DOUBLE
+/* The row of the keys past the sequence end in a 16-key transpose: d <= 512 zeros. */
+static const float bw_zero_row[512];
+
+/* dst[j * ldd + i] = rows[i][j0 + j] for i < 16, j < n <= 16: a 16 x 16 block transposed in
+ * registers (one masked row load per key instead of a scalar store per element). Stages: unpack
+ * row pairs; shuffle within 128-bit lanes, so u[4g + c] lane L holds column 4L + c of rows
+ * 4g..4g+3; then gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into output row 4L + c. */
+static void bw_t16(const float *const *rows, int64_t j0, int64_t n, float *dst, int64_t ldd)
+{
+    const __mmask16 m = (__mmask16)((1u << n) - 1);
+    __m512 r[16], u[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_maskz_loadu_ps(m, rows[i] + j0);
+    for (int g = 0; g < 4; g++) {
+        __m512 t0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
+        __m512 t1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        __m512 t2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+        __m512 t3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        u[4 * g + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
+        u[4 * g + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
+    }
+    for (int c = 0; c < 4; c++) {
+        /* 0x88: lanes 0, 2 of each source; 0xDD: lanes 1, 3 */
+        __m512 w0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+        __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        __m512 x1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        const __m512 o[4] = {_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0x88),
+                             _mm512_shuffle_f32x4(w0, w1, 0xDD), _mm512_shuffle_f32x4(x0, x1, 0xDD)};
+        for (int L = 0; L < 4; L++)
+            if (4 * L + c < n)
+                _mm512_storeu_ps(dst + (4 * L + c) * ldd, o[L]);
+    }
+}
+#endif
+
 /* Keys [k0, k0 + BC) of kv head hk of sequence s into Kt, Vt (d x BC, columns past the sequence's
  * last key zero) and Kr (rows x dpad, padding columns zero). */
 static void bw_pack(const fa_bwd_params *p, const fa_seq *s, int64_t hk, int64_t k0, acc_t *Kt,
@@ -195,21 +234,47 @@ static void bw_pack(const fa_bwd_params *p, const fa_seq *s, int64_t hk, int64_t
     const fa_fwd_params *f = &p->f;
     const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype);
     const int64_t nc = s->sk - k0 < BC ? s->sk - k0 : BC;
-    acc_t vrow[DPAD(512)];
-    for (int64_t c = 0; c < nc; c++) {
-        acc_t *kr = Kr + c * dp;
-        bw_load(f->dtype, fa_key_ptr(f, &f->k, s, k0 + c, hk, es), d, kr);
-        bw_load(f->dtype, fa_key_ptr(f, &f->v, s, k0 + c, hk, es), d, vrow);
-        for (int64_t k = d; k < dp; k++)
-            kr[k] = 0;
-        for (int64_t k = 0; k < d; k++) {
-            Kt[k * BC + c] = kr[k];
-            Vt[k * BC + c] = vrow[k];
+    int64_t c = 0; /* columns [0, c) of Kt/Vt are done */
+#if defined(__AVX512F__) && !FA_ACC_IS_DOUBLE
+    if (f->dtype == FA_F32) {
+        /* float32 K/V rows are read in place, 16 keys at a time, and transposed in registers; the
+         * keys past nc of the last 16 are zero rows, so their columns come out zero. */
+        const float *kp[16], *vp[16];
+        for (; c < nc; c += 16) {
+            for (int i = 0; i < 16; i++) {
+                const int in = c + i < nc;
+                kp[i] = in ? (const float *)fa_key_ptr(f, &f->k, s, k0 + c + i, hk, es) : bw_zero_row;
+                vp[i] = in ? (const float *)fa_key_ptr(f, &f->v, s, k0 + c + i, hk, es) : bw_zero_row;
+                if (in) {
+                    memcpy(Kr + (c + i) * dp, kp[i], (size_t)d * sizeof(float));
+                    memset(Kr + (c + i) * dp + d, 0, (size_t)(dp - d) * sizeof(float));
+                }
+            }
+            for (int64_t j0 = 0; j0 < d; j0 += 16) {
+                const int64_t n = d - j0 < 16 ? d - j0 : 16;
+                bw_t16(kp, j0, n, Kt + j0 * BC + c, BC);
+                bw_t16(vp, j0, n, Vt + j0 * BC + c, BC);
+            }
+        }
+    }
+#endif
+    if (c == 0) {
+        acc_t vrow[DPAD(512)];
+        for (; c < nc; c++) {
+            acc_t *kr = Kr + c * dp;
+            bw_load(f->dtype, fa_key_ptr(f, &f->k, s, k0 + c, hk, es), d, kr);
+            bw_load(f->dtype, fa_key_ptr(f, &f->v, s, k0 + c, hk, es), d, vrow);
+            for (int64_t k = d; k < dp; k++)
+                kr[k] = 0;
+            for (int64_t k = 0; k < d; k++) {
+                Kt[k * BC + c] = kr[k];
+                Vt[k * BC + c] = vrow[k];
+            }
         }
     }
     for (int64_t k = 0; k < d; k++)
-        for (int64_t c = nc; c < BC; c++)
-            Kt[k * BC + c] = Vt[k * BC + c] = 0;
+        for (int64_t x = c; x < BC; x++)
+            Kt[k * BC + x] = Vt[k * BC + x] = 0;
 }
 
 /* ---- preprocess --------------------------------------------------------------------------------- */
