@@ -63,12 +63,13 @@ FA_INLINE vec_t bw_bcast(acc_t x)
     return __builtin_shuffle(v, (veci_t){0});
 }
 
-/* C[FA_MR x NV*VLEN] (+)= A[FA_MR x kn] . B[kn x NV*VLEN], A(r, k) = A[r*ars + k*aks]. The FA_MR x NV
- * accumulators stay in registers for the whole k loop: per k, NV vector loads of B and FA_MR
- * broadcasts feed FA_MR*NV FMAs. */
+/* C[FA_MR x NV*VLEN] (+)= A[FA_MR x kn] . B[kn x NV*VLEN], A(r, k) = A[r*ars + k*aks]; without add,
+ * C = mul (A . B) (the score scale applied as the tile is stored). The FA_MR x NV accumulators
+ * stay in registers for the whole k loop: per k, NV vector loads of B and FA_MR broadcasts feed
+ * FA_MR*NV FMAs. */
 FA_INLINE void bw_tile(const int NV, const int add, const acc_t *restrict A, int64_t ars,
                        int64_t aks, const acc_t *restrict B, int64_t ldb, int64_t kn,
-                       acc_t *restrict C, int64_t ldc)
+                       acc_t *restrict C, int64_t ldc, acc_t mul)
 {
     /* With add, the block's sum starts from zero and is added to C once: a two-level summation,
      * so the rounding error of dK/dV/dQ grows with the block size plus the number of blocks, not
@@ -89,13 +90,14 @@ FA_INLINE void bw_tile(const int NV, const int add, const acc_t *restrict A, int
     }
     for (int r = 0; r < FA_MR; r++)
         for (int v = 0; v < NV; v++)
-            vstore(C + r * ldc + v * VLEN, add ? vload(C + r * ldc + v * VLEN) + acc[r][v] : acc[r][v]);
+            vstore(C + r * ldc + v * VLEN, add ? vload(C + r * ldc + v * VLEN) + acc[r][v] : acc[r][v] * mul);
 }
 
-/* C[rows x cols] (+)= A . B; rows a multiple of FA_MR, cols of VLEN. The register tile's vector
- * count is a compile-time constant in each instance, chosen for the columns left. */
+/* C[rows x cols] (+)= A . B (without add: C = mul (A . B)); rows a multiple of FA_MR, cols of
+ * VLEN. The register tile's vector count is a compile-time constant in each instance, chosen for
+ * the columns left. */
 static void bw_gemm(int add, int64_t rows, int64_t cols, int64_t kn, const acc_t *A, int64_t ars,
-                    int64_t aks, const acc_t *B, int64_t ldb, acc_t *C, int64_t ldc)
+                    int64_t aks, const acc_t *B, int64_t ldb, acc_t *C, int64_t ldc, acc_t mul)
 {
     for (int64_t c0 = 0; c0 < cols; c0 += FA_NR * VLEN) {
         int64_t nv = (cols - c0) / VLEN;
@@ -104,24 +106,24 @@ static void bw_gemm(int add, int64_t rows, int64_t cols, int64_t kn, const acc_t
             acc_t *c = C + r0 * ldc + c0;
             if (nv >= FA_NR) {
                 if (add)
-                    bw_tile(FA_NR, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(FA_NR, 1, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
                 else
-                    bw_tile(FA_NR, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(FA_NR, 0, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
             } else if (nv == 1) {
                 if (add)
-                    bw_tile(1, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(1, 1, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
                 else
-                    bw_tile(1, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(1, 0, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
             } else if (FA_NR > 2 && nv == 2) {
                 if (add)
-                    bw_tile(2, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(2, 1, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
                 else
-                    bw_tile(2, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(2, 0, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
             } else if (FA_NR > 3 && nv == 3) {
                 if (add)
-                    bw_tile(3, 1, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(3, 1, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
                 else
-                    bw_tile(3, 0, a, ars, aks, B + c0, ldb, kn, c, ldc);
+                    bw_tile(3, 0, a, ars, aks, B + c0, ldb, kn, c, ldc, mul);
             }
         }
     }
@@ -188,6 +190,45 @@ FA_INLINE const acc_t *bw_rows(const fa_bwd_params *p, const fa_bwd_ws *ws, cons
 
 /* ---- packing ------------------------------------------------------------------------------------ */
 
+#if defined(__AVX512F__) && !FA_ACC_IS_DOUBLE
+/* The row of the keys past the sequence end in a 16-key transpose: d <= 512 zeros. */
+static const float bw_zero_row[512];
+
+/* dst[j * ldd + i] = rows[i][j0 + j] for i < 16, j < n <= 16: a 16 x 16 block transposed in
+ * registers (one masked row load per key instead of a scalar store per element). Stages: unpack
+ * row pairs; shuffle within 128-bit lanes, so u[4g + c] lane L holds column 4L + c of rows
+ * 4g..4g+3; then gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into output row 4L + c. */
+static void bw_t16(const float *const *rows, int64_t j0, int64_t n, float *dst, int64_t ldd)
+{
+    const __mmask16 m = (__mmask16)((1u << n) - 1);
+    __m512 r[16], u[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_maskz_loadu_ps(m, rows[i] + j0);
+    for (int g = 0; g < 4; g++) {
+        __m512 t0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
+        __m512 t1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        __m512 t2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+        __m512 t3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        u[4 * g + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
+        u[4 * g + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
+    }
+    for (int c = 0; c < 4; c++) {
+        /* 0x88: lanes 0, 2 of each source; 0xDD: lanes 1, 3 */
+        __m512 w0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+        __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        __m512 x1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        const __m512 o[4] = {_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0x88),
+                             _mm512_shuffle_f32x4(w0, w1, 0xDD), _mm512_shuffle_f32x4(x0, x1, 0xDD)};
+        for (int L = 0; L < 4; L++)
+            if (4 * L + c < n)
+                _mm512_storeu_ps(dst + (4 * L + c) * ldd, o[L]);
+    }
+}
+#endif
+
 /* Keys [k0, k0 + BC) of kv head hk of sequence s into Kt, Vt (d x BC, columns past the sequence's
  * last key zero) and Kr (rows x dpad, padding columns zero). */
 static void bw_pack(const fa_bwd_params *p, const fa_seq *s, int64_t hk, int64_t k0, acc_t *Kt,
@@ -196,21 +237,47 @@ static void bw_pack(const fa_bwd_params *p, const fa_seq *s, int64_t hk, int64_t
     const fa_fwd_params *f = &p->f;
     const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype);
     const int64_t nc = s->sk - k0 < BC ? s->sk - k0 : BC;
-    acc_t vrow[DPAD(512)];
-    for (int64_t c = 0; c < nc; c++) {
-        acc_t *kr = Kr + c * dp;
-        bw_load(f->dtype, fa_key_ptr(f, &f->k, s, k0 + c, hk, es), d, kr);
-        bw_load(f->dtype, fa_key_ptr(f, &f->v, s, k0 + c, hk, es), d, vrow);
-        for (int64_t k = d; k < dp; k++)
-            kr[k] = 0;
-        for (int64_t k = 0; k < d; k++) {
-            Kt[k * BC + c] = kr[k];
-            Vt[k * BC + c] = vrow[k];
+    int64_t c = 0; /* columns [0, c) of Kt/Vt are done */
+#if defined(__AVX512F__) && !FA_ACC_IS_DOUBLE
+    if (f->dtype == FA_F32) {
+        /* float32 K/V rows are read in place, 16 keys at a time, and transposed in registers; the
+         * keys past nc of the last 16 are zero rows, so their columns come out zero. */
+        const float *kp[16], *vp[16];
+        for (; c < nc; c += 16) {
+            for (int i = 0; i < 16; i++) {
+                const int in = c + i < nc;
+                kp[i] = in ? (const float *)fa_key_ptr(f, &f->k, s, k0 + c + i, hk, es) : bw_zero_row;
+                vp[i] = in ? (const float *)fa_key_ptr(f, &f->v, s, k0 + c + i, hk, es) : bw_zero_row;
+                if (in) {
+                    memcpy(Kr + (c + i) * dp, kp[i], (size_t)d * sizeof(float));
+                    memset(Kr + (c + i) * dp + d, 0, (size_t)(dp - d) * sizeof(float));
+                }
+            }
+            for (int64_t j0 = 0; j0 < d; j0 += 16) {
+                const int64_t n = d - j0 < 16 ? d - j0 : 16;
+                bw_t16(kp, j0, n, Kt + j0 * BC + c, BC);
+                bw_t16(vp, j0, n, Vt + j0 * BC + c, BC);
+            }
+        }
+    }
+#endif
+    if (c == 0) {
+        acc_t vrow[DPAD(512)];
+        for (; c < nc; c++) {
+            acc_t *kr = Kr + c * dp;
+            bw_load(f->dtype, fa_key_ptr(f, &f->k, s, k0 + c, hk, es), d, kr);
+            bw_load(f->dtype, fa_key_ptr(f, &f->v, s, k0 + c, hk, es), d, vrow);
+            for (int64_t k = d; k < dp; k++)
+                kr[k] = 0;
+            for (int64_t k = 0; k < d; k++) {
+                Kt[k * BC + c] = kr[k];
+                Vt[k * BC + c] = vrow[k];
+            }
         }
     }
     for (int64_t k = 0; k < d; k++)
-        for (int64_t c = nc; c < BC; c++)
-            Kt[k * BC + c] = Vt[k * BC + c] = 0;
+        for (int64_t x = c; x < BC; x++)
+            Kt[k * BC + x] = Vt[k * BC + x] = 0;
 }
 
 /* ---- preprocess --------------------------------------------------------------------------------- */
@@ -250,8 +317,11 @@ static void bw_block(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t
                      int64_t nc, int64_t ncp, bw_scratch *w, uint64_t thr, bw_pf *pf)
 {
     const int64_t d = p->f.d, dp = DPAD(d), nrp = RUP(nr, FA_MR);
-    bw_gemm(0, nrp, ncp, d, Q, dp, 1, Kt, BC, w->S, BC);
-    bw_gemm(0, nrp, ncp, d, dO, dp, 1, Vt, BC, w->dP, BC);
+    /* Plain scores leave the GEMM already scaled (as the forward's tile store does): one
+     * multiply per stored vector instead of a pass over the block in bw_row. */
+    const int plain = bw_plain(&p->f);
+    bw_gemm(0, nrp, ncp, d, Q, dp, 1, Kt, BC, w->S, BC, plain ? (acc_t)p->f.scale : 1);
+    bw_gemm(0, nrp, ncp, d, dO, dp, 1, Vt, BC, w->dP, BC, 1);
     for (int64_t r = 0; r < nrp; r++) {
         acc_t *Sr = w->S + r * BC, *dPr = w->dP + r * BC;
         int64_t c0 = 0, c1 = 0;
@@ -259,8 +329,8 @@ static void bw_block(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t
             c0 = (w->lo[r] > kb0 ? w->lo[r] : kb0) - kb0;
             c1 = (w->hi[r] < kb0 + nc ? w->hi[r] : kb0 + nc) - kb0;
         }
-        bw_row(p, s, h, q0 + r, kb0, ncp, c0, c1, w->stat[r], w->stat[BR + r], w->stat[2 * BR + r],
-               Sr, dPr, w->G, w->Z, thr);
+        bw_row_s(p, s, h, q0 + r, kb0, ncp, c0, c1, w->stat[r], w->stat[BR + r],
+                 w->stat[2 * BR + r], Sr, dPr, w->G, w->Z, thr, plain);
         bw_pf_some(pf);
     }
 }
@@ -373,15 +443,15 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                      * strides; only the nr real rows enter the sum. Rows of dK/dV past nc see
                      * S/dP columns that bw_row zeroed (up to ncp) or never wrote (up to ncr);
                      * they are never stored. */
-                    bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, dV, dp);
-                    bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, dK, dp);
+                    bw_gemm(1, ncr, dp, nr, w.S, 1, BC, dO, dp, dV, dp, 1);
+                    bw_gemm(1, ncr, dp, nr, w.dP, 1, BC, Q, dp, dK, dp, 1);
                     /* dQ += dX K into the chunk's partial sums. A ragged last block goes through
                      * the scratch: its padding rows are another sequence's rows, owned by another
                      * item. */
                     if (nr == nrp) {
-                        bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, Kr, dp, dQr, dp);
+                        bw_gemm(1, nrp, dp, nc, w.dP, BC, 1, Kr, dp, dQr, dp, 1);
                     } else {
-                        bw_gemm(0, nrp, dp, nc, w.dP, BC, 1, Kr, dp, w.dQ, dp);
+                        bw_gemm(0, nrp, dp, nc, w.dP, BC, 1, Kr, dp, w.dQ, dp, 1);
                         for (int64_t x = 0; x < nr * dp; x += VLEN)
                             vstore(dQr + x, vload(dQr + x) + vload(w.dQ + x));
                     }

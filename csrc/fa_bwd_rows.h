@@ -145,17 +145,97 @@ static void bw_row_stats(const fa_bwd_params *p, const fa_bwd_ws *ws, const fa_s
 
 /* ---- one row of one block: scores -> P, dS ------------------------------------------------------ */
 
-/* Row i (of sequence s, query head h) against keys kb0 + [0, ncp): on entry S holds q.k and dP
- * holds dO.v; on return S holds P z r (what dV needs) and dP holds dX (what dQ, dK and dpse
- * need). Keys outside [c0, c1) are outside the band: P = 0 and dX = 0 there. */
-static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i, int64_t kb0,
-                   int64_t ncp, int64_t c0, int64_t c1, acc_t m, acc_t il, acc_t Di, acc_t *S,
-                   acc_t *dP, acc_t *G, acc_t *Z, uint64_t thr)
+/* Whether scores need nothing per element besides the scale (no pse, softcap, alibi or explicit
+ * mask): then bw_row takes one pass and no chain-factor array, and the FMA kernels can apply the
+ * scale when they store the S = Q K^T tile. */
+FA_INLINE int bw_plain(const fa_fwd_params *f)
+{
+    return !f->pse && !(f->softcap > 0) && !f->alibi && !f->mask;
+}
+
+/* The forward's dropout mask of row i over keys kb0 + [0, ncp), replayed: Z[c] = 1 / (1 - p) for
+ * kept keys inside [c0, c1), 0 elsewhere. Same Philox keying as the forward (seed, offset,
+ * batch*h + head, row, column / 4), keep iff draw >= threshold (fa_philox.h). */
+static void bw_keep_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i, int64_t kb0,
+                        int64_t ncp, int64_t c0, int64_t c1, uint64_t thr, acc_t *Z)
+{
+    const fa_fwd_params *f = &p->f;
+    const acc_t r = (acc_t)(1.0 / (1.0 - f->dropout_p));
+    const uint64_t bh = (uint64_t)(s->bi * f->h + h);
+#if defined(__AVX512F__)
+    /* 64 keys per vectorized Philox call (fa_philox_avx512.h), then Z 16 lanes at a time */
+    uint64_t bits[FA_BWD_BLOCK_KEYS / 64 + 2] = {0};
+    fa_keep_row_bits(f->seed, f->offset, bh, (uint64_t)i, kb0, c0, c1, thr, bits);
+    for (int64_t c = 0; c < ncp; c += 16) {
+        const __mmask16 k = band16(c, c0, c1) & fa_keep_bits16(bits, c);
+        if (sizeof(acc_t) == 4) {
+            _mm512_storeu_ps((float *)Z + c, _mm512_maskz_mov_ps(k, _mm512_set1_ps((float)r)));
+        } else {
+            _mm512_storeu_pd((double *)Z + c, _mm512_maskz_mov_pd((__mmask8)k, _mm512_set1_pd((double)r)));
+            _mm512_storeu_pd((double *)Z + c + 8, _mm512_maskz_mov_pd((__mmask8)(k >> 8), _mm512_set1_pd((double)r)));
+        }
+    }
+#else
+    const int64_t j0 = kb0 + c0, j1 = kb0 + c1;
+    for (int64_t c = 0; c < ncp; c++)
+        Z[c] = 0;
+    for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
+        uint32_t u[4];
+        fa_dropout_draw4(f->seed, f->offset, bh, (uint64_t)i, (uint64_t)(j4 >> 2), u);
+        for (int t = 0; t < 4; t++) {
+            int64_t j = j4 + t;
+            if (j >= j0 && j < j1 && (uint64_t)u[t] >= thr)
+                Z[j - kb0] = r;
+        }
+    }
+#endif
+}
+
+/* Row i (of sequence s, query head h) against keys kb0 + [0, ncp): on entry S holds q.k (scaled
+ * = 0) or, only where bw_plain, q.k * scale rounded to acc_t (scaled = 1), and dP holds dO.v; on
+ * return S holds P z r (what dV needs) and dP holds dX (what dQ, dK and dpse need). Keys outside
+ * [c0, c1) are outside the band: P = 0 and dX = 0 there. */
+static void bw_row_s(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i, int64_t kb0,
+                     int64_t ncp, int64_t c0, int64_t c1, acc_t m, acc_t il, acc_t Di, acc_t *S,
+                     acc_t *dP, acc_t *G, acc_t *Z, uint64_t thr, int scaled)
 {
     const fa_fwd_params *f = &p->f;
     if (c0 >= c1 || il == 0) {
         memset(S, 0, (size_t)ncp * sizeof(acc_t));
         memset(dP, 0, (size_t)ncp * sizeof(acc_t));
+        return;
+    }
+    const int drop = f->dropout_p > 0;
+    if (drop)
+        bw_keep_row(p, s, h, i, kb0, ncp, c0, c1, thr, Z);
+    const acc_t scale = (acc_t)f->scale;
+    const vec_t iota = viota(), ninf = vsplat(-INFINITY), zero = vsplat(0);
+    const vec_t vm = vsplat(m), vil = vsplat(il), vD = vsplat(Di);
+    if (bw_plain(f)) {
+        /* One pass, with the general path's roundings in its order: x = q.k * scale rounded
+         * once (by the GEMM's store, or here through memory, which no FMA contraction crosses),
+         * P = exp(x - m) il (0 outside the band), dX = P (z r dP - D) scale. */
+        if (!scaled)
+            for (int64_t c = 0; c < ncp; c += VLEN)
+                vstore(S + c, vload(S + c) * scale);
+        const vec_t vs = vsplat(scale);
+        const int edge = c0 > 0 || c1 < ncp;
+        for (int64_t c = 0; c < ncp; c += VLEN) {
+            vec_t t = vload(S + c) - vm;
+            if (edge) {
+                vec_t col = iota + (acc_t)c;
+                t = vsel((col >= (acc_t)c0) & (col < (acc_t)c1), t, ninf);
+            }
+            vec_t P = vexp_nonpos(t) * vil;
+            if (drop) {
+                vec_t zr = vload(Z + c);
+                vstore(dP + c, P * (zr * vload(dP + c) - vD) * vs);
+                vstore(S + c, P * zr);
+            } else {
+                vstore(dP + c, P * (vload(dP + c) - vD) * vs);
+                vstore(S + c, P);
+            }
+        }
         return;
     }
     if (f->pse) {
@@ -165,7 +245,6 @@ static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i
     }
     /* Scores exactly as the forward forms them (so exp(s - lse) reproduces its P), and the chain
      * factor G = ds/dx = scale * g'(scale x). */
-    const acc_t scale = (acc_t)f->scale;
     const int softcap = f->softcap > 0;
     const acc_t cap = (acc_t)f->softcap, inv_cap = (acc_t)(1.0 / f->softcap);
     const int alibi = f->alibi != NULL;
@@ -174,7 +253,6 @@ static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i
         slope = (acc_t)f->alibi[s->bi * f->alibi_sb + h];
         diag = (acc_t)(i + s->sk - s->sq - kb0); /* bottom-right aligned distance, as forward */
     }
-    const vec_t iota = viota(), ninf = vsplat(-INFINITY), zero = vsplat(0);
     for (int64_t c = 0; c < ncp; c += VLEN) {
         vec_t x = vload(S + c) * scale;
         vec_t g = vsplat(scale);
@@ -203,40 +281,7 @@ static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i
             }
         }
     }
-    const vec_t vm = vsplat(m), vil = vsplat(il), vD = vsplat(Di);
-    if (f->dropout_p > 0) {
-        /* Replay the forward's mask: same Philox keying (seed, offset, batch*h + head, row,
-         * column / 4), keep iff draw >= threshold (fa_philox.h). */
-        const acc_t r = (acc_t)(1.0 / (1.0 - f->dropout_p));
-        const uint64_t bh = (uint64_t)(s->bi * f->h + h);
-        const int64_t j0 = kb0 + c0, j1 = kb0 + c1;
-#if defined(__AVX512F__)
-        /* 64 keys per vectorized Philox call (fa_philox_avx512.h), then Z 16 lanes at a time */
-        (void)j0, (void)j1;
-        uint64_t bits[FA_BWD_BLOCK_KEYS / 64 + 2] = {0};
-        fa_keep_row_bits(f->seed, f->offset, bh, (uint64_t)i, kb0, c0, c1, thr, bits);
-        for (int64_t c = 0; c < ncp; c += 16) {
-            const __mmask16 k = band16(c, c0, c1) & fa_keep_bits16(bits, c);
-            if (sizeof(acc_t) == 4) {
-                _mm512_storeu_ps((float *)Z + c, _mm512_maskz_mov_ps(k, _mm512_set1_ps((float)r)));
-            } else {
-                _mm512_storeu_pd((double *)Z + c, _mm512_maskz_mov_pd((__mmask8)k, _mm512_set1_pd((double)r)));
-                _mm512_storeu_pd((double *)Z + c + 8, _mm512_maskz_mov_pd((__mmask8)(k >> 8), _mm512_set1_pd((double)r)));
-            }
-        }
-#else
-        for (int64_t c = 0; c < ncp; c++)
-            Z[c] = 0;
-        for (int64_t j4 = j0 & ~(int64_t)3; j4 < j1; j4 += 4) {
-            uint32_t u[4];
-            fa_dropout_draw4(f->seed, f->offset, bh, (uint64_t)i, (uint64_t)(j4 >> 2), u);
-            for (int t = 0; t < 4; t++) {
-                int64_t j = j4 + t;
-                if (j >= j0 && j < j1 && (uint64_t)u[t] >= thr)
-                    Z[j - kb0] = r;
-            }
-        }
-#endif
+    if (drop) {
         for (int64_t c = 0; c < ncp; c += VLEN) {
             vec_t P = vexp_nonpos(vload(S + c) - vm) * vil;
             vec_t zr = vload(Z + c);
@@ -250,6 +295,14 @@ static void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i
             vstore(S + c, P);
         }
     }
+}
+
+/* bw_row_s for S holding q.k as computed (the AMX kernel's entry). */
+static inline void bw_row(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t i,
+                          int64_t kb0, int64_t ncp, int64_t c0, int64_t c1, acc_t m, acc_t il,
+                          acc_t Di, acc_t *S, acc_t *dP, acc_t *G, acc_t *Z, uint64_t thr)
+{
+    bw_row_s(p, s, h, i, kb0, ncp, c0, c1, m, il, Di, S, dP, G, Z, thr, 0);
 }
 
 /* Band of each row of [q0, q0 + nr) into lo/hi; returns whether any row reaches [k0, k1). */
