@@ -40,6 +40,7 @@
 #define FA_VBYTES 64
 #include "fa_amx.h"
 #include "fa_bwd_rows.h"
+#include "fa_exp2_bf16.h"
 
 #define AR FA_BWD_AMX_ROWS
 #define AK FA_BWD_AMX_KEYS
@@ -245,23 +246,74 @@ static void pack_rows(const float *X, uint16_t *dst)
         _mm256_store_si256((__m256i *)(dst + x), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(X + x)));
 }
 
+/* One row of bw_row's plain case (no pse, softcap, alibi, mask, dropout): P and dX of the 16
+ * keys at column c, from the row's scores S and dO.V products dP, as bw_row forms them except for
+ * the exponential: P = 2^((x - m) log2 e) il with exp2_p5 (fa_exp2_bf16.h, 1.7e-7 relative, and
+ * the rounding of the product by log2 e, 2^-24 |t|: ~2e-6 of P at t = -20, P ~ 1e-6, below P's
+ * bf16 rounding in its products and dX's in its own) instead of vexp_nonpos, 8 vector uops
+ * fewer per 16 keys. x = -inf outside the band gives P = 0 and, with G = 0 there, dX = 0; a row
+ * bw_row zeroes (no visible key, or il = 0) is passed as dead. */
+INL void plain16(const float *S, const float *dP, int64_t c, int dead, vec_t c0, vec_t c1, vec_t vm,
+                 vec_t vil, vec_t vD, acc_t scale, vec_t *P, vec_t *dX)
+{
+    if (dead) {
+        *P = *dX = vsplat(0);
+        return;
+    }
+    const vec_t col = viota() + (acc_t)c;
+    const veci_t in = (col >= c0) & (col < c1);
+    const vec_t x = vsel(in, vload(S + c) * scale, vsplat(-INFINITY));
+    const vec_t g = vsel(in, vsplat(scale), vsplat(0));
+    *P = (vec_t)exp2_p5((__m512)((x - vm) * (acc_t)1.4426950408889634)) * vil;
+    *dX = *P * (vload(dP + c) - vD) * g;
+}
+
+/* bw_row's plain case for every row of the step, fused with the bf16 packing (pack_pairs of P
+ * and dX, pack_rows of dX): each row pair's P and dX go from registers straight to their B-tile
+ * pairs and dX rows, instead of through the fp32 rows and three more passes over them. Rows past
+ * nr are zero, as bw_row's callers leave them. */
+static void rows_plain(const fa_bwd_params *p, int64_t k0, int64_t nc, int64_t nr, const scratch *w,
+                       uint16_t *dSr, bw_pf *pf)
+{
+    const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                           16, 0);
+    const acc_t scale = (acc_t)p->f.scale;
+    for (int64_t i = 0; i < AR / 2; i++) {
+        int dead[2];
+        vec_t c0[2], c1[2], vm[2], vil[2], vD[2];
+        for (int u = 0; u < 2; u++) {
+            const int64_t r = 2 * i + u;
+            const int64_t a = r < nr ? (w->lo[r] > k0 ? w->lo[r] : k0) - k0 : 0;
+            const int64_t b = r < nr ? (w->hi[r] < k0 + nc ? w->hi[r] : k0 + nc) - k0 : 0;
+            dead[u] = a >= b || w->stat[AR + r] == 0;
+            c0[u] = vsplat((acc_t)a), c1[u] = vsplat((acc_t)b);
+            vm[u] = vsplat(w->stat[r]), vil[u] = vsplat(w->stat[AR + r]), vD[u] = vsplat(w->stat[2 * AR + r]);
+        }
+        const float *S0 = w->S + 2 * i * AK, *dP0 = w->dP + 2 * i * AK;
+        for (int64_t c = 0; c < AK; c += 16) {
+            vec_t P[2], dX[2];
+            for (int u = 0; u < 2; u++)
+                plain16(S0 + u * AK, dP0 + u * AK, c, dead[u], c0[u], c1[u], vm[u], vil[u], vD[u],
+                        scale, &P[u], &dX[u]);
+            const __m512i pp = (__m512i)_mm512_cvtne2ps_pbh((__m512)P[1], (__m512)P[0]);
+            const __m512i xx = (__m512i)_mm512_cvtne2ps_pbh((__m512)dX[1], (__m512)dX[0]);
+            _mm512_store_si512(w->Pv + (i * AK + c) * 2, _mm512_permutexvar_epi16(inter, pp));
+            _mm512_store_si512(w->dSv + (i * AK + c) * 2, _mm512_permutexvar_epi16(inter, xx));
+            _mm256_store_si256((__m256i *)(dSr + 2 * i * AK + c), _mm512_castsi512_si256(xx));
+            _mm256_store_si256((__m256i *)(dSr + (2 * i + 1) * AK + c), _mm512_extracti64x4_epi64(xx, 1));
+        }
+        for (int64_t r = 2 * i; r < 2 * i + 2 && r < nr; r++)
+            bw_pf_some(pf); /* one call per row, as bw_rows */
+    }
+}
+
 /* ---- dK/dV (and dQ partials): one chunk of key blocks of one (batch, kv head) ------------------- */
 
-/* One (query block, key block) step: S, dP, bw_row, then dV^T, dK^T (the key block's scratch
- * accumulators dKT, dVT); dX in bf16 rows goes to dSr for the group's dQ product (dkdv).
- * w->stat, w->lo, w->hi hold the query block's rows. */
-static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_t h, int64_t q0,
-                     int64_t nr, const uint16_t *Q, const uint16_t *dO, int64_t k0, int64_t nc,
-                     const uint16_t *Kd, const uint16_t *Vd, float *dKT, float *dVT, uint16_t *dSr,
-                     scratch *w, uint64_t thr, bw_pf *pf)
+/* The general case: bw_row on each row (every feature), then the bf16 packing of P and dX. */
+static void bw_rows(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t q0, int64_t nr,
+                    int64_t k0, int64_t nc, scratch *w, uint16_t *dSr, uint64_t thr, bw_pf *pf)
 {
-    const int64_t d32 = D32(p->f.d), nd = d32 / 16;
-    const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
-    /* S = Q K^T, dP = dO V^T */
-    tile_gemm(0, AR / 16, AK / 16, d32 / 32, Q, 16 * d32, 32, d32 * 2, Kd, 32 * AK, 32, AK * 4, w->S,
-              16 * AK, 16, AK * 4);
-    tile_gemm(0, AR / 16, AK / 16, d32 / 32, dO, 16 * d32, 32, d32 * 2, Vd, 32 * AK, 32, AK * 4,
-              w->dP, 16 * AK, 16, AK * 4);
     /* Rows past nr and keys past nc (zero padding) come out as P = 0, dX = 0. */
     for (int64_t r = 0; r < nr; r++) {
         const int64_t c0 = (w->lo[r] > k0 ? w->lo[r] : k0) - k0;
@@ -275,6 +327,27 @@ static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_
     pack_pairs(w->S, w->Pv);
     pack_pairs(w->dP, w->dSv);
     pack_rows(w->dP, dSr);
+}
+
+/* One (query block, key block) step: S, dP, bw_row, then dV^T, dK^T (the key block's scratch
+ * accumulators dKT, dVT); dX in bf16 rows goes to dSr for the group's dQ product (dkdv).
+ * w->stat, w->lo, w->hi hold the query block's rows. */
+static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_t h, int64_t q0,
+                     int64_t nr, const uint16_t *Q, const uint16_t *dO, int64_t k0, int64_t nc,
+                     const uint16_t *Kd, const uint16_t *Vd, float *dKT, float *dVT, uint16_t *dSr,
+                     scratch *w, uint64_t thr, int plain, bw_pf *pf)
+{
+    const int64_t d32 = D32(p->f.d), nd = d32 / 16;
+    const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
+    /* S = Q K^T, dP = dO V^T */
+    tile_gemm(0, AR / 16, AK / 16, d32 / 32, Q, 16 * d32, 32, d32 * 2, Kd, 32 * AK, 32, AK * 4, w->S,
+              16 * AK, 16, AK * 4);
+    tile_gemm(0, AR / 16, AK / 16, d32 / 32, dO, 16 * d32, 32, d32 * 2, Vd, 32 * AK, 32, AK * 4,
+              w->dP, 16 * AK, 16, AK * 4);
+    if (plain)
+        rows_plain(p, k0, nc, nr, w, dSr, pf);
+    else
+        bw_rows(p, s, h, q0, nr, k0, nc, w, dSr, thr, pf);
     /* dV^T += dO^T P, dK^T += Q^T dX */
     tile_gemm(1, nd, AK / 16, AR / 32, dOT, 16 * 32, 32 * d32, 64, w->Pv, 32 * AK, 32, AK * 4, dVT,
               16 * AK, 16, AK * 4);
@@ -307,6 +380,9 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
     const fa_seq s = fa_seq_of(f, bi);
     const int64_t d = f->d, d32 = D32(d), G = f->h / f->hk;
     const uint64_t thr = fa_dropout_threshold(f->dropout_p);
+    /* no score feature and no dpse: P and dX go from registers to their bf16 layouts */
+    const int plain = !f->pse && !(f->softcap > 0) && !f->alibi && !f->mask && !(f->dropout_p > 0) &&
+                      !p->dpse;
     scratch w = carve(buf, d);
 
     /* This item alone owns its chunk's partial sums of the group's rows: start them at zero. */
@@ -362,7 +438,7 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
                     uint16_t *dSr = w.dSr + nx * AR * AK;
                     amx_step(p, &s, bi, h, q0, nr, Q, dO, k0, nc, kblock(p, ws, ws->Kt, bi, hk, k0),
                              kblock(p, ws, ws->Vt, bi, hk, k0), w.dKT + t * kslab, w.dVT + t * kslab,
-                             dSr, &w, thr, &pf);
+                             dSr, &w, thr, plain, &pf);
                     dX[nx] = dSr;
                     Kk[nx++] = kblock(p, ws, ws->Kr, bi, hk, k0);
                 }
