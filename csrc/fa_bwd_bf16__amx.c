@@ -134,24 +134,40 @@ void fa_bwd_bf16__amx_prep(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t 
 {
     const fa_fwd_params *f = &p->f;
     const fa_seq s = fa_seq_of(f, bi);
-    const int64_t d = f->d, d32 = D32(d);
+    const int64_t d = f->d, d32 = D32(d), nr = s.sq - q0 < AR ? s.sq - q0 : AR;
     uint16_t *Q = qblock(p, ws, ws->Q, bi, h, q0), *dO = qblock(p, ws, ws->dO, bi, h, q0);
-    memset(Q, 0, (size_t)(2 * AR * d32) * 2);
-    memset(dO, 0, (size_t)(2 * AR * d32) * 2);
     float dor[512];
-    for (int64_t r = 0; r < AR && q0 + r < s.sq; r++) {
-        const int64_t i = q0 + r, pr = s.q_row0 + i;
+    for (int64_t r = 0; r < AR; r++) {
+        const int64_t pr = s.q_row0 + q0 + (r < nr ? r : 0);
         const uint16_t *qs = (const uint16_t *)f->q.ptr + s.q_batch * f->q.sb + pr * f->q.sr + h * f->q.sh;
         const uint16_t *ds = (const uint16_t *)p->dout.ptr + s.q_batch * p->dout.sb +
                              pr * p->dout.sr + h * p->dout.sh;
-        uint16_t *qt = Q + AR * d32 + (r / 32) * d32 * 32 + r % 32;
-        uint16_t *dt = dO + AR * d32 + (r / 32) * d32 * 32 + r % 32;
-        for (int64_t k = 0; k < d; k++) {
-            Q[r * d32 + k] = qt[k * 32] = qs[k];
-            dO[r * d32 + k] = dt[k * 32] = ds[k];
+        /* rows past the end: zero (they point at row 0, never read: the loads are masked off) */
+        const int64_t nd = r < nr ? d : 0;
+        for (int64_t k = 0; k < d32; k += 32) {
+            _mm512_store_si512(Q + r * d32 + k, fa_amx_load32(qs + k, nd - k));
+            _mm512_store_si512(dO + r * d32 + k, fa_amx_load32(ds + k, nd - k));
         }
-        bw_load(FA_BF16, ds, d, dor);
-        bw_row_stats(p, ws, &s, h, i, dor);
+        if (r < nr) {
+            bw_load(FA_BF16, ds, d, dor);
+            bw_row_stats(p, ws, &s, h, q0 + r, dor);
+        }
+    }
+    /* The transposes [AR/32][d32][32] from the rows: element (r, k) at (r/32) d32 32 + k 32 + r%32.
+     * Rows r, r + 1 interleaved are 32-bit units (query pair, dim); a 16 x 16 transpose of those
+     * gives 16 dims' rows of 32 queries. */
+    for (int u = 0; u < 2; u++) {
+        uint16_t *X = u ? dO : Q, *T = X + AR * d32;
+        for (int64_t g = 0; g < AR / 32; g++)
+            for (int64_t k = 0; k < d32; k += 32) {
+                __m512i lo[16], hi[16];
+                for (int64_t i = 0; i < 16; i++)
+                    fa_amx_pairs(_mm512_load_si512(X + (32 * g + 2 * i) * d32 + k),
+                                 _mm512_load_si512(X + (32 * g + 2 * i + 1) * d32 + k), &lo[i], &hi[i]);
+                uint16_t *t = T + g * d32 * 32 + k * 32;
+                fa_amx_tr16(lo, t, 64);
+                fa_amx_tr16(hi, t + 16 * 32, 64);
+            }
     }
 }
 
@@ -164,16 +180,32 @@ void fa_bwd_bf16__amx_packk(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t
     const int64_t d = f->d, d32 = D32(d), nc = s.sk - k0 < AK ? s.sk - k0 : AK;
     uint16_t *Kd = kblock(p, ws, ws->Kt, bi, hk, k0), *Vd = kblock(p, ws, ws->Vt, bi, hk, k0);
     uint16_t *Kk = kblock(p, ws, ws->Kr, bi, hk, k0);
-    memset(Kd, 0, (size_t)(AK * d32) * 2);
-    memset(Vd, 0, (size_t)(AK * d32) * 2);
-    memset(Kk, 0, (size_t)(AK * d32) * 2);
-    for (int64_t c = 0; c < nc; c++) {
-        const uint16_t *kr = (const uint16_t *)fa_key_ptr(f, &f->k, &s, k0 + c, hk, 2);
-        const uint16_t *vr = (const uint16_t *)fa_key_ptr(f, &f->v, &s, k0 + c, hk, 2);
-        for (int64_t k = 0; k < d; k++) {
-            Kd[((k / 2) * AK + c) * 2 + k % 2] = kr[k];
-            Vd[((k / 2) * AK + c) * 2 + k % 2] = vr[k];
-            Kk[((c / 2) * d32 + k) * 2 + c % 2] = kr[k];
+    const uint16_t *kr[AK], *vr[AK];
+    for (int64_t c = 0; c < AK; c++) { /* keys past nc: never read (their loads are masked off) */
+        const int64_t cc = c < nc ? c : 0;
+        kr[c] = (const uint16_t *)fa_key_ptr(f, &f->k, &s, k0 + cc, hk, 2);
+        vr[c] = (const uint16_t *)fa_key_ptr(f, &f->v, &s, k0 + cc, hk, 2);
+    }
+    for (int64_t k = 0; k < d32; k += 32) {
+        /* Kd, Vd: element (dim k, key c) at ((k/2) AK + c) 2 + k%2, i.e. the transpose of the key
+         * rows' 32-bit dim pairs, 16 keys x 16 dim pairs at a time. */
+        for (int u = 0; u < 2; u++) {
+            const uint16_t *const *src = u ? vr : kr;
+            uint16_t *dst = u ? Vd : Kd;
+            for (int64_t c = 0; c < AK; c += 16) {
+                __m512i r[16];
+                for (int64_t i = 0; i < 16; i++)
+                    r[i] = fa_amx_load32(src[c + i] + k, c + i < nc ? d - k : 0);
+                fa_amx_tr16(r, dst + ((k / 2) * AK + c) * 2, AK * 4);
+            }
+        }
+        /* Kk: element (key c, dim k) at ((c/2) d32 + k) 2 + c%2: key rows c, c + 1 interleaved. */
+        for (int64_t c = 0; c < AK; c += 2) {
+            __m512i lo, hi;
+            fa_amx_pairs(fa_amx_load32(kr[c] + k, c < nc ? d - k : 0),
+                         fa_amx_load32(kr[c + 1] + k, c + 1 < nc ? d - k : 0), &lo, &hi);
+            _mm512_store_si512(Kk + ((c / 2) * d32 + k) * 2, lo);
+            _mm512_store_si512(Kk + ((c / 2) * d32 + k + 16) * 2, hi);
         }
     }
 }
