@@ -136,6 +136,7 @@ void fa_bwd_bf16__amx_prep(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t 
     const fa_seq s = fa_seq_of(f, bi);
     const int64_t d = f->d, d32 = D32(d), nr = s.sq - q0 < AR ? s.sq - q0 : AR;
     uint16_t *Q = qblock(p, ws, ws->Q, bi, h, q0), *dO = qblock(p, ws, ws->dO, bi, h, q0);
+    enum { PF = 6 }; /* rows of prefetch distance */
     float dor[512];
     for (int64_t r = 0; r < AR; r++) {
         const int64_t pr = s.q_row0 + q0 + (r < nr ? r : 0);
@@ -144,6 +145,19 @@ void fa_bwd_bf16__amx_prep(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t 
                              pr * p->dout.sr + h * p->dout.sh;
         /* rows past the end: zero (they point at row 0, never read: the loads are masked off) */
         const int64_t nd = r < nr ? d : 0;
+        /* Rows of one head are h d elements apart in the usual (b, s, h, d) layouts, a stride the
+         * hardware prefetchers do not follow across pages: fetch the Q, dO and O rows PF ahead. */
+        if (r + PF < nr) {
+            const int64_t pa = pr + PF, es = fa_dtype_size(f->dtype);
+            const char *nq = (const char *)(qs + PF * f->q.sr), *nd_ = (const char *)(ds + PF * p->dout.sr);
+            const char *no = (const char *)p->out.ptr +
+                             (s.q_batch * p->out.sb + pa * p->out.sr + h * p->out.sh) * es;
+            for (int64_t b = 0; b < d * 2; b += 64) {
+                _mm_prefetch(nq + b, _MM_HINT_T0);
+                _mm_prefetch(nd_ + b, _MM_HINT_T0);
+                _mm_prefetch(no + b, _MM_HINT_T0);
+            }
+        }
         for (int64_t k = 0; k < d32; k += 32) {
             _mm512_store_si512(Q + r * d32 + k, fa_amx_load32(qs + k, nd - k));
             _mm512_store_si512(dO + r * d32 + k, fa_amx_load32(ds + k, nd - k));
