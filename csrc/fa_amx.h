@@ -99,4 +99,22 @@ static inline __m512i fa_amx_load32(const uint16_t *src, int64_t n)
     return _mm512_maskz_loadu_epi16(m, src);
 }
 
+/* n floats times mul to bfloat16 at dst, rounded to nearest even with NaN kept quiet, as
+ * fa_f32_to_bf16 of fa_cvt.h (and bw_f32_to_bf16), 16 lanes at a time; vcvtneps2bf16 would
+ * flush denormals. */
+static inline void fa_amx_store_bf16(const float *src, float mul, int64_t n, uint16_t *dst)
+{
+    const __m512 m = _mm512_set1_ps(mul);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 t = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, src + i), m));
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                       _mm512_set1_epi32(0x7f800000));
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i rnd = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        rnd = _mm512_mask_or_epi32(rnd, nan, u, _mm512_set1_epi32(0x400000));
+        _mm256_mask_storeu_epi16(dst + i, t, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rnd, 16)));
+    }
+}
+
 #endif

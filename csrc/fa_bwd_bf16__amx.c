@@ -496,20 +496,29 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
             }
         }
 
-        float *row = w.S; /* free now: one gradient row */
+        /* dK, dV rows from the transposed accumulators [d32][AK]: 16 keys x 16 dims at a time
+         * (16 x 16 transposes of the fp32 units) into 16 rows of d32 floats, then each row
+         * rounded to bf16 once. */
+        float *rows = w.S; /* free now: 16 gradient rows */
         for (int64_t t = 0; t < nb; t++) {
             const int64_t k0 = kg + t * step, nc = s.sk - k0 < AK ? s.sk - k0 : AK;
-            const float *dKT = w.dKT + t * kslab, *dVT = w.dVT + t * kslab;
-            for (int64_t c = 0; c < nc; c++) {
-                const int64_t phys = s.k_row0 + k0 + c;
-                for (int64_t k = 0; k < d; k++)
-                    row[k] = dKT[k * AK + c];
-                bw_store(FA_BF16, row, d,
-                         (uint16_t *)p->dk + s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh);
-                for (int64_t k = 0; k < d; k++)
-                    row[k] = dVT[k * AK + c];
-                bw_store(FA_BF16, row, d,
-                         (uint16_t *)p->dv + s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh);
+            for (int u = 0; u < 2; u++) {
+                const float *XT = (u ? w.dVT : w.dKT) + t * kslab;
+                uint16_t *out = u ? (uint16_t *)p->dv : (uint16_t *)p->dk;
+                const int64_t sb = u ? p->dv_sb : p->dk_sb, sr = u ? p->dv_sr : p->dk_sr,
+                              sh = u ? p->dv_sh : p->dk_sh;
+                for (int64_t c = 0; c < nc; c += 16) {
+                    for (int64_t k = 0; k < d32; k += 16) {
+                        __m512i r[16];
+                        for (int64_t i = 0; i < 16; i++)
+                            r[i] = _mm512_load_si512(XT + (k + i) * AK + c);
+                        fa_amx_tr16(r, rows + k, d32 * 4);
+                    }
+                    for (int64_t i = 0; i < 16 && c + i < nc; i++) {
+                        const int64_t phys = s.k_row0 + k0 + c + i;
+                        fa_amx_store_bf16(rows + i * d32, 1.0f, d, out + s.k_batch * sb + phys * sr + hk * sh);
+                    }
+                }
             }
         }
     }
