@@ -292,24 +292,31 @@ static void pack_rows(const float *X, uint16_t *dst)
         _mm256_store_si256((__m256i *)(dst + x), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(X + x)));
 }
 
+/* How a row meets the key block: no visible key (or il = 0), a band edge inside, or every key. */
+enum { ROW_DEAD, ROW_EDGE, ROW_FULL };
+
 /* One row of bw_row's plain case (no pse, softcap, alibi, mask, dropout): P and dX of the 16
  * keys at column c, from the row's scores S and dO.V products dP, as bw_row forms them except for
  * the exponential: P = 2^((x - m) log2 e) il with exp2_p5 (fa_exp2_bf16.h, 1.7e-7 relative, and
  * the rounding of the product by log2 e, 2^-24 |t|: ~2e-6 of P at t = -20, P ~ 1e-6, below P's
  * bf16 rounding in its products and dX's in its own) instead of vexp_nonpos, 8 vector uops
  * fewer per 16 keys. x = -inf outside the band gives P = 0 and, with G = 0 there, dX = 0; a row
- * bw_row zeroes (no visible key, or il = 0) is passed as dead. */
-INL void plain16(const float *S, const float *dP, int64_t c, int dead, vec_t c0, vec_t c1, vec_t vm,
+ * bw_row zeroes (no visible key, or il = 0) is passed as dead, and a row that sees every key of
+ * the block skips the band masks (the same values: every lane is inside). */
+INL void plain16(const float *S, const float *dP, int64_t c, int kind, vec_t c0, vec_t c1, vec_t vm,
                  vec_t vil, vec_t vD, acc_t scale, vec_t *P, vec_t *dX)
 {
-    if (dead) {
+    if (kind == ROW_DEAD) {
         *P = *dX = vsplat(0);
         return;
     }
-    const vec_t col = viota() + (acc_t)c;
-    const veci_t in = (col >= c0) & (col < c1);
-    const vec_t x = vsel(in, vload(S + c) * scale, vsplat(-INFINITY));
-    const vec_t g = vsel(in, vsplat(scale), vsplat(0));
+    vec_t x = vload(S + c) * scale, g = vsplat(scale);
+    if (kind == ROW_EDGE) { /* a band edge inside the block */
+        const vec_t col = viota() + (acc_t)c;
+        const veci_t in = (col >= c0) & (col < c1);
+        x = vsel(in, x, vsplat(-INFINITY));
+        g = vsel(in, g, vsplat(0));
+    }
     *P = (vec_t)exp2_p5((__m512)((x - vm) * (acc_t)1.4426950408889634)) * vil;
     *dX = *P * (vload(dP + c) - vD) * g;
 }
@@ -326,13 +333,13 @@ static void rows_plain(const fa_bwd_params *p, int64_t k0, int64_t nc, int64_t n
                                            16, 0);
     const acc_t scale = (acc_t)p->f.scale;
     for (int64_t i = 0; i < AR / 2; i++) {
-        int dead[2];
+        int kind[2];
         vec_t c0[2], c1[2], vm[2], vil[2], vD[2];
         for (int u = 0; u < 2; u++) {
             const int64_t r = 2 * i + u;
             const int64_t a = r < nr ? (w->lo[r] > k0 ? w->lo[r] : k0) - k0 : 0;
             const int64_t b = r < nr ? (w->hi[r] < k0 + nc ? w->hi[r] : k0 + nc) - k0 : 0;
-            dead[u] = a >= b || w->stat[AR + r] == 0;
+            kind[u] = a >= b || w->stat[AR + r] == 0 ? ROW_DEAD : a == 0 && b == AK ? ROW_FULL : ROW_EDGE;
             c0[u] = vsplat((acc_t)a), c1[u] = vsplat((acc_t)b);
             vm[u] = vsplat(w->stat[r]), vil[u] = vsplat(w->stat[AR + r]), vD[u] = vsplat(w->stat[2 * AR + r]);
         }
@@ -340,7 +347,7 @@ static void rows_plain(const fa_bwd_params *p, int64_t k0, int64_t nc, int64_t n
         for (int64_t c = 0; c < AK; c += 16) {
             vec_t P[2], dX[2];
             for (int u = 0; u < 2; u++)
-                plain16(S0 + u * AK, dP0 + u * AK, c, dead[u], c0[u], c1[u], vm[u], vil[u], vD[u],
+                plain16(S0 + u * AK, dP0 + u * AK, c, kind[u], c0[u], c1[u], vm[u], vil[u], vD[u],
                         scale, &P[u], &dX[u]);
             const __m512i pp = (__m512i)_mm512_cvtne2ps_pbh((__m512)P[1], (__m512)P[0]);
             const __m512i xx = (__m512i)_mm512_cvtne2ps_pbh((__m512)dX[1], (__m512)dX[0]);
