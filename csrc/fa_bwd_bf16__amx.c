@@ -40,6 +40,7 @@
 #define FA_VBYTES 64
 #include "fa_amx.h"
 #include "fa_bwd_rows.h"
+#include "fa_exp2_bf16.h"
 
 #define AR FA_BWD_AMX_ROWS
 #define AK FA_BWD_AMX_KEYS
@@ -133,24 +134,54 @@ void fa_bwd_bf16__amx_prep(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t 
 {
     const fa_fwd_params *f = &p->f;
     const fa_seq s = fa_seq_of(f, bi);
-    const int64_t d = f->d, d32 = D32(d);
+    const int64_t d = f->d, d32 = D32(d), nr = s.sq - q0 < AR ? s.sq - q0 : AR;
     uint16_t *Q = qblock(p, ws, ws->Q, bi, h, q0), *dO = qblock(p, ws, ws->dO, bi, h, q0);
-    memset(Q, 0, (size_t)(2 * AR * d32) * 2);
-    memset(dO, 0, (size_t)(2 * AR * d32) * 2);
+    enum { PF = 6 }; /* rows of prefetch distance */
     float dor[512];
-    for (int64_t r = 0; r < AR && q0 + r < s.sq; r++) {
-        const int64_t i = q0 + r, pr = s.q_row0 + i;
+    for (int64_t r = 0; r < AR; r++) {
+        const int64_t pr = s.q_row0 + q0 + (r < nr ? r : 0);
         const uint16_t *qs = (const uint16_t *)f->q.ptr + s.q_batch * f->q.sb + pr * f->q.sr + h * f->q.sh;
         const uint16_t *ds = (const uint16_t *)p->dout.ptr + s.q_batch * p->dout.sb +
                              pr * p->dout.sr + h * p->dout.sh;
-        uint16_t *qt = Q + AR * d32 + (r / 32) * d32 * 32 + r % 32;
-        uint16_t *dt = dO + AR * d32 + (r / 32) * d32 * 32 + r % 32;
-        for (int64_t k = 0; k < d; k++) {
-            Q[r * d32 + k] = qt[k * 32] = qs[k];
-            dO[r * d32 + k] = dt[k * 32] = ds[k];
+        /* rows past the end: zero (they point at row 0, never read: the loads are masked off) */
+        const int64_t nd = r < nr ? d : 0;
+        /* Rows of one head are h d elements apart in the usual (b, s, h, d) layouts, a stride the
+         * hardware prefetchers do not follow across pages: fetch the Q, dO and O rows PF ahead. */
+        if (r + PF < nr) {
+            const int64_t pa = pr + PF, es = fa_dtype_size(f->dtype);
+            const char *nq = (const char *)(qs + PF * f->q.sr), *nd_ = (const char *)(ds + PF * p->dout.sr);
+            const char *no = (const char *)p->out.ptr +
+                             (s.q_batch * p->out.sb + pa * p->out.sr + h * p->out.sh) * es;
+            for (int64_t b = 0; b < d * 2; b += 64) {
+                _mm_prefetch(nq + b, _MM_HINT_T0);
+                _mm_prefetch(nd_ + b, _MM_HINT_T0);
+                _mm_prefetch(no + b, _MM_HINT_T0);
+            }
         }
-        bw_load(FA_BF16, ds, d, dor);
-        bw_row_stats(p, ws, &s, h, i, dor);
+        for (int64_t k = 0; k < d32; k += 32) {
+            _mm512_store_si512(Q + r * d32 + k, fa_amx_load32(qs + k, nd - k));
+            _mm512_store_si512(dO + r * d32 + k, fa_amx_load32(ds + k, nd - k));
+        }
+        if (r < nr) {
+            bw_load(FA_BF16, ds, d, dor);
+            bw_row_stats(p, ws, &s, h, q0 + r, dor);
+        }
+    }
+    /* The transposes [AR/32][d32][32] from the rows: element (r, k) at (r/32) d32 32 + k 32 + r%32.
+     * Rows r, r + 1 interleaved are 32-bit units (query pair, dim); a 16 x 16 transpose of those
+     * gives 16 dims' rows of 32 queries. */
+    for (int u = 0; u < 2; u++) {
+        uint16_t *X = u ? dO : Q, *T = X + AR * d32;
+        for (int64_t g = 0; g < AR / 32; g++)
+            for (int64_t k = 0; k < d32; k += 32) {
+                __m512i lo[16], hi[16];
+                for (int64_t i = 0; i < 16; i++)
+                    fa_amx_pairs(_mm512_load_si512(X + (32 * g + 2 * i) * d32 + k),
+                                 _mm512_load_si512(X + (32 * g + 2 * i + 1) * d32 + k), &lo[i], &hi[i]);
+                uint16_t *t = T + g * d32 * 32 + k * 32;
+                fa_amx_tr16(lo, t, 64);
+                fa_amx_tr16(hi, t + 16 * 32, 64);
+            }
     }
 }
 
@@ -163,16 +194,32 @@ void fa_bwd_bf16__amx_packk(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t
     const int64_t d = f->d, d32 = D32(d), nc = s.sk - k0 < AK ? s.sk - k0 : AK;
     uint16_t *Kd = kblock(p, ws, ws->Kt, bi, hk, k0), *Vd = kblock(p, ws, ws->Vt, bi, hk, k0);
     uint16_t *Kk = kblock(p, ws, ws->Kr, bi, hk, k0);
-    memset(Kd, 0, (size_t)(AK * d32) * 2);
-    memset(Vd, 0, (size_t)(AK * d32) * 2);
-    memset(Kk, 0, (size_t)(AK * d32) * 2);
-    for (int64_t c = 0; c < nc; c++) {
-        const uint16_t *kr = (const uint16_t *)fa_key_ptr(f, &f->k, &s, k0 + c, hk, 2);
-        const uint16_t *vr = (const uint16_t *)fa_key_ptr(f, &f->v, &s, k0 + c, hk, 2);
-        for (int64_t k = 0; k < d; k++) {
-            Kd[((k / 2) * AK + c) * 2 + k % 2] = kr[k];
-            Vd[((k / 2) * AK + c) * 2 + k % 2] = vr[k];
-            Kk[((c / 2) * d32 + k) * 2 + c % 2] = kr[k];
+    const uint16_t *kr[AK], *vr[AK];
+    for (int64_t c = 0; c < AK; c++) { /* keys past nc: never read (their loads are masked off) */
+        const int64_t cc = c < nc ? c : 0;
+        kr[c] = (const uint16_t *)fa_key_ptr(f, &f->k, &s, k0 + cc, hk, 2);
+        vr[c] = (const uint16_t *)fa_key_ptr(f, &f->v, &s, k0 + cc, hk, 2);
+    }
+    for (int64_t k = 0; k < d32; k += 32) {
+        /* Kd, Vd: element (dim k, key c) at ((k/2) AK + c) 2 + k%2, i.e. the transpose of the key
+         * rows' 32-bit dim pairs, 16 keys x 16 dim pairs at a time. */
+        for (int u = 0; u < 2; u++) {
+            const uint16_t *const *src = u ? vr : kr;
+            uint16_t *dst = u ? Vd : Kd;
+            for (int64_t c = 0; c < AK; c += 16) {
+                __m512i r[16];
+                for (int64_t i = 0; i < 16; i++)
+                    r[i] = fa_amx_load32(src[c + i] + k, c + i < nc ? d - k : 0);
+                fa_amx_tr16(r, dst + ((k / 2) * AK + c) * 2, AK * 4);
+            }
+        }
+        /* Kk: element (key c, dim k) at ((c/2) d32 + k) 2 + c%2: key rows c, c + 1 interleaved. */
+        for (int64_t c = 0; c < AK; c += 2) {
+            __m512i lo, hi;
+            fa_amx_pairs(fa_amx_load32(kr[c] + k, c < nc ? d - k : 0),
+                         fa_amx_load32(kr[c + 1] + k, c + 1 < nc ? d - k : 0), &lo, &hi);
+            _mm512_store_si512(Kk + ((c / 2) * d32 + k) * 2, lo);
+            _mm512_store_si512(Kk + ((c / 2) * d32 + k + 16) * 2, hi);
         }
     }
 }
@@ -245,23 +292,81 @@ static void pack_rows(const float *X, uint16_t *dst)
         _mm256_store_si256((__m256i *)(dst + x), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(X + x)));
 }
 
+/* How a row meets the key block: no visible key (or il = 0), a band edge inside, or every key. */
+enum { ROW_DEAD, ROW_EDGE, ROW_FULL };
+
+/* One row of bw_row's plain case (no pse, softcap, alibi, mask, dropout): P and dX of the 16
+ * keys at column c, from the row's scores S and dO.V products dP, as bw_row forms them except for
+ * the exponential: P = 2^((x - m) log2 e) il with exp2_p5 (fa_exp2_bf16.h, 1.7e-7 relative, and
+ * the rounding of the product by log2 e, 2^-24 |t|: ~2e-6 of P at t = -20, P ~ 1e-6, below P's
+ * bf16 rounding in its products and dX's in its own) instead of vexp_nonpos, 8 vector uops
+ * fewer per 16 keys. x = -inf outside the band gives P = 0 and, with G = 0 there, dX = 0; a row
+ * bw_row zeroes (no visible key, or il = 0) is passed as dead, and a row that sees every key of
+ * the block skips the band masks (the same values: every lane is inside). */
+INL void plain16(const float *S, const float *dP, int64_t c, int kind, vec_t c0, vec_t c1, vec_t vm,
+                 vec_t vil, vec_t vD, acc_t scale, vec_t *P, vec_t *dX)
+{
+    if (kind == ROW_DEAD) {
+        *P = *dX = vsplat(0);
+        return;
+    }
+    vec_t x = vload(S + c) * scale, g = vsplat(scale);
+    if (kind == ROW_EDGE) { /* a band edge inside the block */
+        const vec_t col = viota() + (acc_t)c;
+        const veci_t in = (col >= c0) & (col < c1);
+        x = vsel(in, x, vsplat(-INFINITY));
+        g = vsel(in, g, vsplat(0));
+    }
+    *P = (vec_t)exp2_p5((__m512)((x - vm) * (acc_t)1.4426950408889634)) * vil;
+    *dX = *P * (vload(dP + c) - vD) * g;
+}
+
+/* bw_row's plain case for every row of the step, fused with the bf16 packing (pack_pairs of P
+ * and dX, pack_rows of dX): each row pair's P and dX go from registers straight to their B-tile
+ * pairs and dX rows, instead of through the fp32 rows and three more passes over them. Rows past
+ * nr are zero, as bw_row's callers leave them. */
+static void rows_plain(const fa_bwd_params *p, int64_t k0, int64_t nc, int64_t nr, const scratch *w,
+                       uint16_t *dSr, bw_pf *pf)
+{
+    const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                           16, 0);
+    const acc_t scale = (acc_t)p->f.scale;
+    for (int64_t i = 0; i < AR / 2; i++) {
+        int kind[2];
+        vec_t c0[2], c1[2], vm[2], vil[2], vD[2];
+        for (int u = 0; u < 2; u++) {
+            const int64_t r = 2 * i + u;
+            const int64_t a = r < nr ? (w->lo[r] > k0 ? w->lo[r] : k0) - k0 : 0;
+            const int64_t b = r < nr ? (w->hi[r] < k0 + nc ? w->hi[r] : k0 + nc) - k0 : 0;
+            kind[u] = a >= b || w->stat[AR + r] == 0 ? ROW_DEAD : a == 0 && b == AK ? ROW_FULL : ROW_EDGE;
+            c0[u] = vsplat((acc_t)a), c1[u] = vsplat((acc_t)b);
+            vm[u] = vsplat(w->stat[r]), vil[u] = vsplat(w->stat[AR + r]), vD[u] = vsplat(w->stat[2 * AR + r]);
+        }
+        const float *S0 = w->S + 2 * i * AK, *dP0 = w->dP + 2 * i * AK;
+        for (int64_t c = 0; c < AK; c += 16) {
+            vec_t P[2], dX[2];
+            for (int u = 0; u < 2; u++)
+                plain16(S0 + u * AK, dP0 + u * AK, c, kind[u], c0[u], c1[u], vm[u], vil[u], vD[u],
+                        scale, &P[u], &dX[u]);
+            const __m512i pp = (__m512i)_mm512_cvtne2ps_pbh((__m512)P[1], (__m512)P[0]);
+            const __m512i xx = (__m512i)_mm512_cvtne2ps_pbh((__m512)dX[1], (__m512)dX[0]);
+            _mm512_store_si512(w->Pv + (i * AK + c) * 2, _mm512_permutexvar_epi16(inter, pp));
+            _mm512_store_si512(w->dSv + (i * AK + c) * 2, _mm512_permutexvar_epi16(inter, xx));
+            _mm256_store_si256((__m256i *)(dSr + 2 * i * AK + c), _mm512_castsi512_si256(xx));
+            _mm256_store_si256((__m256i *)(dSr + (2 * i + 1) * AK + c), _mm512_extracti64x4_epi64(xx, 1));
+        }
+        for (int64_t r = 2 * i; r < 2 * i + 2 && r < nr; r++)
+            bw_pf_some(pf); /* one call per row, as bw_rows */
+    }
+}
+
 /* ---- dK/dV (and dQ partials): one chunk of key blocks of one (batch, kv head) ------------------- */
 
-/* One (query block, key block) step: S, dP, bw_row, then dV^T, dK^T (the key block's scratch
- * accumulators dKT, dVT); dX in bf16 rows goes to dSr for the group's dQ product (dkdv).
- * w->stat, w->lo, w->hi hold the query block's rows. */
-static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_t h, int64_t q0,
-                     int64_t nr, const uint16_t *Q, const uint16_t *dO, int64_t k0, int64_t nc,
-                     const uint16_t *Kd, const uint16_t *Vd, float *dKT, float *dVT, uint16_t *dSr,
-                     scratch *w, uint64_t thr, bw_pf *pf)
+/* The general case: bw_row on each row (every feature), then the bf16 packing of P and dX. */
+static void bw_rows(const fa_bwd_params *p, const fa_seq *s, int64_t h, int64_t q0, int64_t nr,
+                    int64_t k0, int64_t nc, scratch *w, uint16_t *dSr, uint64_t thr, bw_pf *pf)
 {
-    const int64_t d32 = D32(p->f.d), nd = d32 / 16;
-    const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
-    /* S = Q K^T, dP = dO V^T */
-    tile_gemm(0, AR / 16, AK / 16, d32 / 32, Q, 16 * d32, 32, d32 * 2, Kd, 32 * AK, 32, AK * 4, w->S,
-              16 * AK, 16, AK * 4);
-    tile_gemm(0, AR / 16, AK / 16, d32 / 32, dO, 16 * d32, 32, d32 * 2, Vd, 32 * AK, 32, AK * 4,
-              w->dP, 16 * AK, 16, AK * 4);
     /* Rows past nr and keys past nc (zero padding) come out as P = 0, dX = 0. */
     for (int64_t r = 0; r < nr; r++) {
         const int64_t c0 = (w->lo[r] > k0 ? w->lo[r] : k0) - k0;
@@ -275,6 +380,27 @@ static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_
     pack_pairs(w->S, w->Pv);
     pack_pairs(w->dP, w->dSv);
     pack_rows(w->dP, dSr);
+}
+
+/* One (query block, key block) step: S, dP, bw_row, then dV^T, dK^T (the key block's scratch
+ * accumulators dKT, dVT); dX in bf16 rows goes to dSr for the group's dQ product (dkdv).
+ * w->stat, w->lo, w->hi hold the query block's rows. */
+static void amx_step(const fa_bwd_params *p, const fa_seq *s, int64_t bi, int64_t h, int64_t q0,
+                     int64_t nr, const uint16_t *Q, const uint16_t *dO, int64_t k0, int64_t nc,
+                     const uint16_t *Kd, const uint16_t *Vd, float *dKT, float *dVT, uint16_t *dSr,
+                     scratch *w, uint64_t thr, int plain, bw_pf *pf)
+{
+    const int64_t d32 = D32(p->f.d), nd = d32 / 16;
+    const uint16_t *QT = Q + AR * d32, *dOT = dO + AR * d32;
+    /* S = Q K^T, dP = dO V^T */
+    tile_gemm(0, AR / 16, AK / 16, d32 / 32, Q, 16 * d32, 32, d32 * 2, Kd, 32 * AK, 32, AK * 4, w->S,
+              16 * AK, 16, AK * 4);
+    tile_gemm(0, AR / 16, AK / 16, d32 / 32, dO, 16 * d32, 32, d32 * 2, Vd, 32 * AK, 32, AK * 4,
+              w->dP, 16 * AK, 16, AK * 4);
+    if (plain)
+        rows_plain(p, k0, nc, nr, w, dSr, pf);
+    else
+        bw_rows(p, s, h, q0, nr, k0, nc, w, dSr, thr, pf);
     /* dV^T += dO^T P, dK^T += Q^T dX */
     tile_gemm(1, nd, AK / 16, AR / 32, dOT, 16 * 32, 32 * d32, 64, w->Pv, 32 * AK, 32, AK * 4, dVT,
               16 * AK, 16, AK * 4);
@@ -307,6 +433,9 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
     const fa_seq s = fa_seq_of(f, bi);
     const int64_t d = f->d, d32 = D32(d), G = f->h / f->hk;
     const uint64_t thr = fa_dropout_threshold(f->dropout_p);
+    /* no score feature and no dpse: P and dX go from registers to their bf16 layouts */
+    const int plain = !f->pse && !(f->softcap > 0) && !f->alibi && !f->mask && !(f->dropout_p > 0) &&
+                      !p->dpse;
     scratch w = carve(buf, d);
 
     /* This item alone owns its chunk's partial sums of the group's rows: start them at zero. */
@@ -362,7 +491,7 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
                     uint16_t *dSr = w.dSr + nx * AR * AK;
                     amx_step(p, &s, bi, h, q0, nr, Q, dO, k0, nc, kblock(p, ws, ws->Kt, bi, hk, k0),
                              kblock(p, ws, ws->Vt, bi, hk, k0), w.dKT + t * kslab, w.dVT + t * kslab,
-                             dSr, &w, thr, &pf);
+                             dSr, &w, thr, plain, &pf);
                     dX[nx] = dSr;
                     Kk[nx++] = kblock(p, ws, ws->Kr, bi, hk, k0);
                 }
@@ -374,20 +503,29 @@ fa_status fa_bwd_bf16__amx_dkdv(const fa_bwd_params *p, const fa_bwd_ws *ws, int
             }
         }
 
-        float *row = w.S; /* free now: one gradient row */
+        /* dK, dV rows from the transposed accumulators [d32][AK]: 16 keys x 16 dims at a time
+         * (16 x 16 transposes of the fp32 units) into 16 rows of d32 floats, then each row
+         * rounded to bf16 once. */
+        float *rows = w.S; /* free now: 16 gradient rows */
         for (int64_t t = 0; t < nb; t++) {
             const int64_t k0 = kg + t * step, nc = s.sk - k0 < AK ? s.sk - k0 : AK;
-            const float *dKT = w.dKT + t * kslab, *dVT = w.dVT + t * kslab;
-            for (int64_t c = 0; c < nc; c++) {
-                const int64_t phys = s.k_row0 + k0 + c;
-                for (int64_t k = 0; k < d; k++)
-                    row[k] = dKT[k * AK + c];
-                bw_store(FA_BF16, row, d,
-                         (uint16_t *)p->dk + s.k_batch * p->dk_sb + phys * p->dk_sr + hk * p->dk_sh);
-                for (int64_t k = 0; k < d; k++)
-                    row[k] = dVT[k * AK + c];
-                bw_store(FA_BF16, row, d,
-                         (uint16_t *)p->dv + s.k_batch * p->dv_sb + phys * p->dv_sr + hk * p->dv_sh);
+            for (int u = 0; u < 2; u++) {
+                const float *XT = (u ? w.dVT : w.dKT) + t * kslab;
+                uint16_t *out = u ? (uint16_t *)p->dv : (uint16_t *)p->dk;
+                const int64_t sb = u ? p->dv_sb : p->dk_sb, sr = u ? p->dv_sr : p->dk_sr,
+                              sh = u ? p->dv_sh : p->dk_sh;
+                for (int64_t c = 0; c < nc; c += 16) {
+                    for (int64_t k = 0; k < d32; k += 16) {
+                        __m512i r[16];
+                        for (int64_t i = 0; i < 16; i++)
+                            r[i] = _mm512_load_si512(XT + (k + i) * AK + c);
+                        fa_amx_tr16(r, rows + k, d32 * 4);
+                    }
+                    for (int64_t i = 0; i < 16 && c + i < nc; i++) {
+                        const int64_t phys = s.k_row0 + k0 + c + i;
+                        fa_amx_store_bf16(rows + i * d32, 1.0f, d, out + s.k_batch * sb + phys * sr + hk * sh);
+                    }
+                }
             }
         }
     }

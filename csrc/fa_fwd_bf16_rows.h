@@ -27,6 +27,8 @@
 #pragma GCC diagnostic ignored "-Wunused-function"
 #include "fa_fwd_avx512_lanes.h"
 #pragma GCC diagnostic pop
+#include "fa_exp2_bf16.h"
+#include "fa_amx.h" /* fa_amx_store_bf16 */
 
 #define FA_ROWS_BN 256                 /* keys per block */
 #define FA_ROWS_SLD (FA_ROWS_BN + 16)  /* S row stride in floats: rows 1 KiB apart would share sets */
@@ -59,23 +61,6 @@ INL __m512 bf16_to_ps(__m256i h)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* n floats times mul to bfloat16, rounded to nearest even with NaN kept quiet: fa_f32_to_bf16
- * of fa_cvt.h, 16 lanes at a time (vcvtneps2bf16 would flush denormals). */
-static void store_row_bf16(const float *src, float mul, int64_t n, uint16_t *dst)
-{
-    const __m512 m = _mm512_set1_ps(mul);
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 t = tail16(n - i);
-        __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, src + i), m));
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                       _mm512_set1_epi32(0x7f800000));
-        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i rnd = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-        rnd = _mm512_mask_or_epi32(rnd, nan, u, _mm512_set1_epi32(0x400000));
-        _mm256_mask_storeu_epi16(dst + i, t, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rnd, 16)));
-    }
-}
-
 /* finish_row of fa_fwd_avx512_lanes.h (the same outputs) with the bf16 store vectorized; the NPU
  * statistics and other output dtypes go through finish_row itself. */
 static void finish_row_rows(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t i,
@@ -91,7 +76,7 @@ static void finish_row_rows(const fa_fwd_params *p, const fa_seq *s, int64_t h, 
     if (empty || invalid)
         memset(dst, 0, (size_t)p->d * 2);
     else
-        store_row_bf16(row, drop_scale / w->l[r], p->d, dst);
+        fa_amx_store_bf16(row, drop_scale / w->l[r], p->d, dst);
     if (p->lse) {
         const int64_t srow = p->cu_q ? s->q_row0 + i : i, sbat = p->cu_q ? 0 : s->bi;
         ((float *)p->lse)[sbat * p->lse_sb + h * p->lse_sh + srow * p->lse_sr] =
@@ -170,29 +155,6 @@ INL __m512 exp2_p6(__m512 t)
 {
     __m512 n, r = exp2_split(t, &n);
     return _mm512_scalef_ps(exp2_poly6(r), n);
-}
-
-/* 2^t for bfloat16 inputs, where P enters P V rounded to bf16 (relative 2^-9), so only the row
- * sum l (lse, checked to 2e-5 and used by the backward to recompute P) needs more than that:
- * 2^floor(t) p(r) with r = t - floor(t) in [0, 1) from one vreduceps (round down) and 2^floor(t)
- * applied by vscalefps straight from t (it takes the floor of its exponent operand), so no
- * n = t - r either: three uops besides the polynomial fewer than exp2_clamped. -inf gives r = 0
- * and 2^-inf = 0 exactly, NaN stays NaN, t far below -150 gives 0. p: degree 5, relative-error
- * minimax for 2^r on [0, 1] (Lawson-weighted least squares on Chebyshev nodes) with p(0) = 1
- * and each coefficient rounded to float32 in turn, the rest refitted. Max relative error against
- * 2^t over every float32 t in [-1, 1), float32 Horner with FMA, checked exhaustively in double:
- * 1.7e-7 (8.2e-8 of it the approximation; vreduceps rounds r = t + 1 for t just below 0, up to
- * 2^-24 in r); sampled over [-125, 2]: 1.6e-7. vscalefps is exact in the normal range. */
-INL __m512 exp2_p5(__m512 t)
-{
-    const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 y = _mm512_set1_ps(1.8669525161385536e-03f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.0174805372953415e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5799514055252075e-02f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4016459286212921e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9315129518508911e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, t);
 }
 
 /* |mu| bound below which the exponent is taken in one FMA, t = x (sx log2 e) - mu log2 e. Its

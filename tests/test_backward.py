@@ -226,6 +226,10 @@ AMX_CASES = [
     (1, 300, 97, 6, 2, 80, True, (20, 7), 12.0, True, 0.0),
     (1, 97, 300, 3, 1, 17, False, (-1, 40), 0.0, True, 0.25),
     (1, 70, 90, 2, 1, 512, True, (-1, -1), 0.0, False, 0.0),  # the largest head dim
+    # The plain-row path (no score feature: P and dX straight to their bf16 tiles): a window band
+    # with sq != sk and d = 40, and causal with sq > sk, whose first rows see no key (dead rows).
+    (1, 200, 333, 4, 2, 40, False, (30, 10), 0.0, False, 0.0),
+    (2, 190, 70, 2, 1, 24, True, (-1, -1), 0.0, False, 0.0),
     # Groups of 4 key blocks in the dkdv pass: 2 chunks of 6 blocks (a full and a partial group),
     # GQA and dropout; 4 chunks of 4-5 blocks under a causal band with alibi.
     (2, 130, 700, 8, 4, 48, False, (-1, -1), 0.0, False, 0.1),
