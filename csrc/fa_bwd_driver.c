@@ -44,7 +44,9 @@
 #include "fa_seq.h"
 #include "fa_workspace.h"
 
+#ifndef FA_BWD_MIN_ITEMS /* overridable for experiments: -DFA_BWD_MIN_ITEMS=n */
 #define FA_BWD_MIN_ITEMS 16
+#endif
 
 /* fa_bwd_impl.h's kernels pack K/V in their dkdv items: no packk. */
 #define BWD_KERNEL_NOPACK(name)                                                                    \
