@@ -191,41 +191,22 @@ FA_INLINE const acc_t *bw_rows(const fa_bwd_params *p, const fa_bwd_ws *ws, cons
 /* ---- packing ------------------------------------------------------------------------------------ */
 
 #if defined(__AVX512F__) && !FA_ACC_IS_DOUBLE
+#include "fa_t16.h"
+
 /* The row of the keys past the sequence end in a 16-key transpose: d <= 512 zeros. */
 static const float bw_zero_row[512];
 
 /* dst[j * ldd + i] = rows[i][j0 + j] for i < 16, j < n <= 16: a 16 x 16 block transposed in
- * registers (one masked row load per key instead of a scalar store per element). Stages: unpack
- * row pairs; shuffle within 128-bit lanes, so u[4g + c] lane L holds column 4L + c of rows
- * 4g..4g+3; then gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into output row 4L + c. */
+ * registers (fa_t16.h; one masked row load per key instead of a scalar store per element). */
 static void bw_t16(const float *const *rows, int64_t j0, int64_t n, float *dst, int64_t ldd)
 {
     const __mmask16 m = (__mmask16)((1u << n) - 1);
-    __m512 r[16], u[16];
+    __m512 r[16], o[16];
     for (int i = 0; i < 16; i++)
         r[i] = _mm512_maskz_loadu_ps(m, rows[i] + j0);
-    for (int g = 0; g < 4; g++) {
-        __m512 t0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
-        __m512 t1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
-        __m512 t2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
-        __m512 t3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
-        u[4 * g + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
-        u[4 * g + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
-        u[4 * g + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
-        u[4 * g + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
-    }
-    for (int c = 0; c < 4; c++) {
-        /* 0x88: lanes 0, 2 of each source; 0xDD: lanes 1, 3 */
-        __m512 w0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
-        __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-        __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-        __m512 x1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-        const __m512 o[4] = {_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0x88),
-                             _mm512_shuffle_f32x4(w0, w1, 0xDD), _mm512_shuffle_f32x4(x0, x1, 0xDD)};
-        for (int L = 0; L < 4; L++)
-            if (4 * L + c < n)
-                _mm512_storeu_ps(dst + (4 * L + c) * ldd, o[L]);
-    }
+    fa_t16(r, o);
+    for (int j = 0; j < n; j++)
+        _mm512_storeu_ps(dst + j * ldd, o[j]);
 }
 #endif
 

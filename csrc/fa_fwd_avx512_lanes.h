@@ -24,6 +24,7 @@
 #include "fa_philox.h"
 #include "fa_philox_avx512.h"
 #include "fa_cvt.h"
+#include "fa_t16.h"
 
 #define BR 64         /* queries per sub-block: NQV vectors of 16 lanes (the S^T row stride) */
 #define NQV (BR / 16)
@@ -97,35 +98,16 @@ INL __m512 tanh16(__m512 y)
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
 }
 
-/* dst[j * ldd + i] = src[i * lds + j] for a 16 x 16 float block, in registers: each source row
- * is one 64-byte load, so a strided column walk (one cache line per element) is avoided.
- * Stages: unpack pairs of rows, shuffle within 128-bit lanes, then exchange 128-bit lanes. */
+/* dst[j * ldd + i] = src[i * lds + j] for a 16 x 16 float block, in registers (fa_t16.h): each
+ * source row is one 64-byte load, so a strided column walk (one cache line per element) is avoided. */
 static inline void transpose16(const float *src, int64_t lds, float *dst, int64_t ldd)
 {
-    __m512 r[16], u[16];
+    __m512 r[16], o[16];
     for (int i = 0; i < 16; i++)
         r[i] = _mm512_loadu_ps(src + i * lds);
-    for (int g = 0; g < 4; g++) {
-        /* rows 4g..4g+3: u[4g + c], 128-bit lane L = column 4L + c of those four rows */
-        __m512 t0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
-        __m512 t1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
-        __m512 t2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
-        __m512 t3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
-        u[4 * g + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
-        u[4 * g + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
-        u[4 * g + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
-        u[4 * g + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
-    }
-    for (int c = 0; c < 4; c++) {
-        __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
-        __m512 w0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-        __m512 v1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-        __m512 w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-        _mm512_storeu_ps(dst + (0 + c) * ldd, _mm512_shuffle_f32x4(v0, v1, 0x88));
-        _mm512_storeu_ps(dst + (8 + c) * ldd, _mm512_shuffle_f32x4(v0, v1, 0xDD));
-        _mm512_storeu_ps(dst + (4 + c) * ldd, _mm512_shuffle_f32x4(w0, w1, 0x88));
-        _mm512_storeu_ps(dst + (12 + c) * ldd, _mm512_shuffle_f32x4(w0, w1, 0xDD));
-    }
+    fa_t16(r, o);
+    for (int j = 0; j < 16; j++)
+        _mm512_storeu_ps(dst + j * ldd, o[j]);
 }
 
 /* The per-query state of one 64-query sub-block and the current score block. */
