@@ -148,6 +148,22 @@ static int64_t panel_rows(const fa_bwd_params *p, const fa_bwd_kernel *k, int64_
     return pn < max_sq ? pn : max_sq;
 }
 
+/* Workspace rows of the panel at p0: each sequence's rows among [p0, p0 + pn), sequence after
+ * sequence (prow[bi]: where sequence bi's start). One panel keeps the statistics' row indices
+ * (a varlen cu_q may not start at 0), so it spans all `rows`. */
+static int64_t panel_layout(const fa_fwd_params *f, int64_t rows, int64_t max_sq, int64_t p0,
+                            int64_t pn, int64_t *prow)
+{
+    int64_t n = 0;
+    for (int64_t bi = 0; bi < f->b; bi++) {
+        int64_t sq = fa_seq_of(f, bi).sq, m = sq - p0 < pn ? sq - p0 : pn;
+        if (prow)
+            prow[bi] = pn >= max_sq ? (f->cu_q ? f->cu_q[bi] : bi * f->sq) : n;
+        n += m > 0 ? m : 0;
+    }
+    return pn >= max_sq ? rows : n;
+}
+
 fa_status fa_bwd(const fa_bwd_params *p)
 {
     const fa_fwd_params *f = &p->f;
@@ -176,12 +192,7 @@ fa_status fa_bwd(const fa_bwd_params *p)
     /* Workspace sizes, in accumulators: Q, dO and dQ partials for the first (largest) panel. */
     const int64_t dp = FA_BWD_DPAD(f->d);
     const int64_t pn = panel_rows(p, k, rows, max_sq, (size_t)((2 + nch) * f->h * dp) * acc);
-    int64_t wrows = rows; /* one panel: the statistics' row indices (a varlen cu_q may not start at 0) */
-    for (int64_t bi = 0; pn < max_sq && bi < f->b; bi++) {
-        int64_t sq = fa_seq_of(f, bi).sq;
-        wrows = (bi ? wrows : 0) + (sq < pn ? sq : pn);
-    }
-    const int64_t qstride = wrows + 8; /* >= rows + FA_MR - 1: the last block's padding rows */
+    const int64_t qstride = panel_layout(f, rows, max_sq, 0, pn, NULL) + 8; /* >= rows + FA_MR - 1: the last block's padding rows */
     const int64_t krows = f->cu_k ? f->cu_k[f->b] : f->b * f->sk;
     int64_t *kblk = malloc((size_t)(3 * f->b + 1) * sizeof(int64_t)), *qblk = kblk + f->b;
     int64_t *prow = kblk + 2 * f->b + 1;
@@ -228,18 +239,11 @@ fa_status fa_bwd(const fa_bwd_params *p)
     const size_t bytes = (k->scratch_bytes(p) + 63) / 64 * 64;
     __atomic_store_n(&last_panels, (max_sq + pn - 1) / pn > 1 ? (max_sq + pn - 1) / pn : 1, __ATOMIC_RELAXED);
     __atomic_store_n(&last_panel_rows, pn, __ATOMIC_RELAXED);
-    __atomic_store_n(&last_ws_bytes, (int64_t)ws_cap, __ATOMIC_RELAXED);
+    __atomic_store_n(&last_ws_bytes, (int64_t)ws_bytes, __ATOMIC_RELAXED);
     volatile int failed = FA_OK;
     int64_t p0 = 0;
     do {
-        /* This panel's rows: positions [p0, p0 + pn) of every sequence, sequence by sequence. */
-        int64_t prows = 0;
-        for (int64_t bi = 0; bi < f->b; bi++) {
-            int64_t sq = fa_seq_of(f, bi).sq, n = sq - p0 < pn ? sq - p0 : pn;
-            prow[bi] = pn >= max_sq ? (f->cu_q ? f->cu_q[bi] : bi * f->sq) : prows;
-            prows += n > 0 ? n : 0;
-        }
-        prows = pn >= max_sq ? rows : prows;
+        const int64_t prows = panel_layout(f, rows, max_sq, p0, pn, prow);
         ws.p0 = p0;
         /* Rows past the panel's last query row are read as block padding: make them zeros, not
          * garbage (or the previous panel's rows). */

@@ -58,36 +58,28 @@ void fa_ws_give(void *p, size_t cap)
         return;
     pthread_mutex_lock(&lock);
     if (cap <= FA_WS_CACHE_ONE) {
-        /* Make room by dropping smaller buffers first; keep p only if it then fits. */
-        while (held + cap > FA_WS_CACHE_BYTES) {
-            int small = -1;
-            for (int i = 0; i < SLOTS; i++)
+        /* Make room (a free slot and the byte bound) by dropping cached buffers no bigger than p,
+         * smallest first; keep p if that was enough. */
+        for (;;) {
+            int free_slot = -1, small = -1;
+            for (int i = 0; i < SLOTS; i++) {
+                if (!slot_p[i] && free_slot < 0)
+                    free_slot = i;
                 if (slot_p[i] && (small < 0 || slot_cap[i] < slot_cap[small]))
                     small = i;
+            }
+            if (free_slot >= 0 && held + cap <= FA_WS_CACHE_BYTES) {
+                slot_p[free_slot] = p;
+                slot_cap[free_slot] = cap;
+                held += cap;
+                p = NULL;
+                break;
+            }
             if (small < 0 || slot_cap[small] > cap)
                 break;
             free(slot_p[small]);
             held -= slot_cap[small];
             slot_p[small] = NULL;
-        }
-        int free_slot = -1, small = -1;
-        for (int i = 0; i < SLOTS; i++) {
-            if (!slot_p[i] && free_slot < 0)
-                free_slot = i;
-            if (slot_p[i] && (small < 0 || slot_cap[i] < slot_cap[small]))
-                small = i;
-        }
-        if (free_slot < 0 && small >= 0 && slot_cap[small] < cap) { /* evict the smallest */
-            free(slot_p[small]);
-            held -= slot_cap[small];
-            slot_p[small] = NULL;
-            free_slot = small;
-        }
-        if (free_slot >= 0 && held + cap <= FA_WS_CACHE_BYTES) {
-            slot_p[free_slot] = p;
-            slot_cap[free_slot] = cap;
-            held += cap;
-            p = NULL;
         }
     }
     pthread_mutex_unlock(&lock);

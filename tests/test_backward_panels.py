@@ -158,8 +158,9 @@ def test_no_panels_for_narrow_outputs(dname):
 
 
 def test_workspace_within_budget():
-    """A problem whose single-panel workspace is ~3 MiB, under a 1 MiB budget: the workspace
-    (Q, dO and dQ partials for one panel, the row statistics, whole 2 MiB pages) shrinks to it."""
+    """A problem whose single-panel workspace is ~3 MiB, under a 1 MiB budget: the workspace it
+    asks for (Q, dO and dQ partials for one panel, plus the row statistics) shrinks to it. (The
+    buffer it gets may be a bigger cached one: the plan reports the bytes asked for.)"""
     rng = np.random.default_rng(23)
     b, s, h, d = 1, 1024, 4, 32
     q, k, v, do = (randn(rng, (b, s, h, d), np.float32) for _ in range(4))
@@ -170,9 +171,9 @@ def test_workspace_within_budget():
     with panel_budget(1 << 20):
         g = fa.flash_attn_bwd(do, q, k, v, out, lse, causal=True)
     plan = _C._bwd_last_plan()
-    assert whole["panels"] == 1 and whole["workspace_bytes"] >= 4 << 20
+    assert whole["panels"] == 1 and whole["workspace_bytes"] >= 3 << 20
     assert plan["panels"] > 1 and plan["panel_rows"] % 64 == 0
-    assert plan["workspace_bytes"] <= 2 << 20  # 1 MiB of panel rows + statistics, one 2 MiB page
+    assert plan["workspace_bytes"] <= (1 << 20) + (64 << 10)  # panel rows + 48 KiB of statistics
     with panel_budget(1 << 62):
         one = fa.flash_attn_bwd(do, q, k, v, out, lse, causal=True)
     for a, b_ in zip(g, one):
