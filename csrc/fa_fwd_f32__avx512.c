@@ -12,14 +12,15 @@
  *   softmax       vertical, per query lane (fa_fwd_avx512_lanes.h)
  *   O = alpha O + P V   6 queries x 4 d-vectors register tiles, broadcasting P^T elements against
  *                 rows of the packed V block; the rescale is folded into loading the O tile.
- * Blocks are 64 keys; blocks that every row sees whole in calls without pse/mask/softcap/alibi
- * skip the masking.
+ * Blocks are 128 keys: each sub-block's Q^T and output rows, fetched again from L2 for every
+ * block, then serve twice the keys of 64-key blocks. Blocks that every row sees whole in calls
+ * without pse/mask/softcap/alibi skip the masking.
  */
 #include "fa_kernels.h"
 #include "fa_fwd_avx512_lanes.h"
 
 #define QB FA_FWD_F32_AVX512_ROWS /* queries per work item: QB / BR sub-blocks */
-#define BC 64                /* keys per block */
+#define BC 128               /* keys per block (64: 5-9% slower on F1/F2, NOTES.md) */
 #define QK_MR 6              /* keys per S^T register tile (x NQV vectors) */
 #define PV_MR 6              /* queries per O register tile */
 #define PV_NR 4              /* vectors of d per O register tile */
