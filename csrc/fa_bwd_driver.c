@@ -121,6 +121,8 @@ size_t fa_bwd_set_panel_budget(size_t bytes)
     return __atomic_exchange_n(&panel_budget, bytes, __ATOMIC_RELAXED);
 }
 
+size_t fa_bwd_panel_budget(void) { return __atomic_load_n(&panel_budget, __ATOMIC_RELAXED); }
+
 void fa_bwd_last_plan(int64_t *panels, int64_t *panel_rows, int64_t *ws_bytes)
 {
     *panels = __atomic_load_n(&last_panels, __ATOMIC_RELAXED);

@@ -73,8 +73,10 @@ typedef struct {
 fa_status fa_bwd(const fa_bwd_params *p);
 
 /* Bytes the backward may give Q, dO and the dQ partial sums before it splits the query positions
- * into panels (fa_bwd_driver.c); returns the previous value. Process-wide; for tests and tuning. */
+ * into panels (fa_bwd_driver.c): the setter returns the previous value, the getter the current.
+ * Process-wide (flash_attn_c.set_backward_workspace_budget). */
 size_t fa_bwd_set_panel_budget(size_t bytes);
+size_t fa_bwd_panel_budget(void);
 /* The last call's plan: query panels, positions per panel, workspace bytes asked for (tests and
  * tuning). */
 void fa_bwd_last_plan(int64_t *panels, int64_t *panel_rows, int64_t *ws_bytes);

@@ -5,7 +5,8 @@ functions on NumPy arrays. See README.md for the API table and flash_attn_c.test
 other implementations against flash_attn_c.reference.
 """
 from ._runtime import (cpu_info, get_num_threads, set_num_threads, set_isa, bfloat16, release_workspace,
-                       workspace_cached)
+                       workspace_cached, set_backward_workspace_budget,
+                       get_backward_workspace_budget)
 from ._rng import manual_seed
 from .kvcache import combine_partials, flash_attn_with_kvcache
 from .flash_attn_interface import (
@@ -52,6 +53,8 @@ __all__ = [
     "get_num_threads",
     "release_workspace",
     "workspace_cached",
+    "set_backward_workspace_budget",
+    "get_backward_workspace_budget",
     "set_isa",
     "bfloat16",
 ]

@@ -4,6 +4,7 @@ The kernel family is chosen once at import: FLASH_ATTN_C_ISA if set (an error if
 build lacks it), else the fastest one the CPU supports. FLASH_ATTN_C_NUM_THREADS sets the default
 thread count (else OpenMP's default).
 """
+import operator
 import os
 
 import ml_dtypes
@@ -45,7 +46,6 @@ def set_isa(name):
 
 def set_num_threads(n):
     """Number of threads the kernels use (a positive integer)."""
-    import operator
     try:
         n = operator.index(n)
     except TypeError:
@@ -67,6 +67,36 @@ def release_workspace():
     training step). Call this to return that memory, e.g. after the last step; nothing else
     changes, the next call allocates again."""
     return _C.release_workspace()
+
+
+def set_backward_workspace_budget(nbytes):
+    """Bytes of workspace the float32/float64 backward may use before it splits the query positions
+    into panels; returns the previous budget (default 48 MiB).
+
+    The backward keeps Q, dO and partial sums of dQ in a workspace of O(S d) bytes. Above the
+    budget its passes run once per panel of query positions on workspace for that panel only, so
+    the extra memory stays near the budget however long the sequence (55 MiB at S = 32768 with 4
+    heads). Each further panel repacks K/V and carries dK/dV through the gradients: two panels
+    measured 5-10% slower than one (benchmarks/NOTES.md). Raise the budget to trade memory for
+    that time, lower it for tighter memory (0: panels of one query block). Process-wide. With one
+    query head per kv head the gradients are bitwise the same for any budget; with GQA groups
+    dK/dV sum the group's heads panel by panel (float32 rounding differences). bfloat16 and
+    float16 inputs are not split (their gradients are rounded once, after the last key)."""
+    if isinstance(nbytes, bool):
+        raise TypeError("set_backward_workspace_budget: nbytes must be an int, got bool")
+    try:
+        n = operator.index(nbytes)
+    except TypeError:
+        raise TypeError("set_backward_workspace_budget: nbytes must be an int, got "
+                        f"{type(nbytes).__name__}") from None
+    if not 0 <= n < 1 << 63:
+        raise ValueError(f"set_backward_workspace_budget: nbytes must be in [0, 2**63), got {n}")
+    return _C._set_bwd_panel_budget(n)
+
+
+def get_backward_workspace_budget():
+    """The current backward workspace budget in bytes (see set_backward_workspace_budget)."""
+    return _C._bwd_panel_budget()
 
 
 def workspace_cached():

@@ -28,11 +28,11 @@ FMA_ISAS = [i for i in ISAS if i != "amx"]  # amx runs float32/float64 on the av
 
 @contextlib.contextmanager
 def panel_budget(nbytes):
-    old = _C._set_bwd_panel_budget(nbytes)
+    old = fa.set_backward_workspace_budget(nbytes)
     try:
         yield
     finally:
-        _C._set_bwd_panel_budget(old)
+        fa.set_backward_workspace_budget(old)
 
 
 def panels_of_last_call():
@@ -40,9 +40,38 @@ def panels_of_last_call():
 
 
 def test_default_budget_is_48_mib():
-    old = _C._set_bwd_panel_budget(48 << 20)
-    _C._set_bwd_panel_budget(old)
-    assert old == 48 << 20
+    assert fa.get_backward_workspace_budget() == 48 << 20
+
+
+def test_budget_api_checks_its_argument():
+    old = fa.set_backward_workspace_budget(12345)
+    try:
+        assert old == 48 << 20 and fa.get_backward_workspace_budget() == 12345
+    finally:
+        fa.set_backward_workspace_budget(old)
+    for bad, err in ((-1, ValueError), (1 << 63, ValueError), (1.5, TypeError), (True, TypeError),
+                     ("64", TypeError), (None, TypeError)):
+        with pytest.raises(err, match="set_backward_workspace_budget"):
+            fa.set_backward_workspace_budget(bad)
+    assert fa.get_backward_workspace_budget() == 48 << 20
+
+
+def test_budget_through_the_public_backward():
+    """flash_attn_bwd under a budget of a few query blocks: several panels, the default budget's
+    bits (one query head per kv head)."""
+    rng = np.random.default_rng(23)
+    b, s, h, d = 2, 300, 3, 40
+    q, k, v, dout = (randn(rng, (b, s, h, d), np.float32) for _ in range(4))
+    out, lse, *_ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    ref = fa.flash_attn_bwd(dout, q, k, v, out, lse, causal=True)
+    assert panels_of_last_call() == 1
+    nch = min(-(-16 // (b * h)), -(-s // 64))  # dQ chunks, as fa_bwd_driver.c picks them
+    per_row = (2 + nch) * h * 48 * 4  # Q, dO and the dQ partials of one row, d padded to 48
+    with panel_budget(128 * b * per_row):  # 128-row panels
+        got = fa.flash_attn_bwd(dout, q, k, v, out, lse, causal=True)
+        assert panels_of_last_call() == 3
+    for a, g in zip(ref, got):
+        assert a.tobytes() == g.tobytes()
 
 
 @pytest.mark.parametrize("dname", ["f32", "f64"])

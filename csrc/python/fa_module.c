@@ -1007,6 +1007,12 @@ static PyObject *py_set_bwd_panel_budget(PyObject *self, PyObject *arg)
     return PyLong_FromSize_t(fa_bwd_set_panel_budget((size_t)n));
 }
 
+static PyObject *py_bwd_panel_budget(PyObject *self, PyObject *unused)
+{
+    (void)self, (void)unused;
+    return PyLong_FromSize_t(fa_bwd_panel_budget());
+}
+
 static PyObject *py_bwd_last_plan(PyObject *self, PyObject *unused)
 {
     (void)self, (void)unused;
@@ -1072,7 +1078,9 @@ static PyMethodDef methods[] = {
     {"set_num_threads", py_set_num_threads, METH_O, "Threads used by the kernels."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "Threads used by the kernels."},
     {"_set_bwd_panel_budget", py_set_bwd_panel_budget, METH_O,
-     "Bytes of backward workspace before query panels (testing/tuning); returns the old value."},
+     "Bytes of backward workspace before query panels; returns the old value (checked in Python)."},
+    {"_bwd_panel_budget", py_bwd_panel_budget, METH_NOARGS,
+     "Bytes of backward workspace before query panels."},
     {"_bwd_last_plan", py_bwd_last_plan, METH_NOARGS,
      "The last backward's query panels, positions per panel and workspace bytes (testing)."},
     {"release_workspace", py_release_workspace, METH_NOARGS,
