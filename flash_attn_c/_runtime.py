@@ -81,7 +81,8 @@ def set_backward_workspace_budget(nbytes):
     that time, lower it for tighter memory (0: panels of one query block). Process-wide. With one
     query head per kv head the gradients are bitwise the same for any budget; with GQA groups
     dK/dV sum the group's heads panel by panel (float32 rounding differences). bfloat16 and
-    float16 inputs are not split (their gradients are rounded once, after the last key)."""
+    float16 inputs are never split: dK/dV would have to pass between panels through gradients
+    rounded to 16 bits."""
     if isinstance(nbytes, bool):
         raise TypeError("set_backward_workspace_budget: nbytes must be an int, got bool")
     try:
