@@ -76,13 +76,13 @@ def set_backward_workspace_budget(nbytes):
     The backward keeps Q, dO and partial sums of dQ in a workspace of O(S d) bytes. Above the
     budget its passes run once per panel of query positions on workspace for that panel only, so
     the extra memory stays near the budget however long the sequence (55 MiB at S = 32768 with 4
-    heads). Each further panel repacks K/V and carries dK/dV through the gradients: two panels
-    measured 5-10% slower than one (benchmarks/NOTES.md). Raise the budget to trade memory for
-    that time, lower it for tighter memory (0: panels of one query block). Process-wide. With one
-    query head per kv head the gradients are bitwise the same for any budget; with GQA groups
-    dK/dV sum the group's heads panel by panel (float32 rounding differences). bfloat16 and
-    float16 inputs are never split: dK/dV would have to pass between panels through gradients
-    rounded to 16 bits."""
+    heads). Each further panel repacks K/V and carries dK/dV through the gradients: T3's backward
+    in two panels took 1.07-1.09x the time of one at 2 threads, the same at 1 and 16 threads
+    (benchmarks/NOTES.md). Raise the budget to trade memory for that time, lower it for tighter
+    memory (0: panels of one query block). Process-wide. With one query head per kv head the
+    gradients are bitwise the same for any budget; with GQA groups dK/dV sum the group's heads
+    panel by panel (float32 rounding differences). bfloat16 and float16 inputs are never split:
+    dK/dV would have to pass between panels through gradients rounded to 16 bits."""
     if isinstance(nbytes, bool):
         raise TypeError("set_backward_workspace_budget: nbytes must be an int, got bool")
     try:
