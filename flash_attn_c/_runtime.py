@@ -83,13 +83,9 @@ def set_backward_workspace_budget(nbytes):
     gradients are bitwise the same for any budget; with GQA groups dK/dV sum the group's heads
     panel by panel (float32 rounding differences). bfloat16 and float16 inputs are never split:
     dK/dV would have to pass between panels through gradients rounded to 16 bits."""
-    if isinstance(nbytes, bool):
-        raise TypeError("set_backward_workspace_budget: nbytes must be an int, got bool")
-    try:
-        n = operator.index(nbytes)
-    except TypeError:
-        raise TypeError("set_backward_workspace_budget: nbytes must be an int, got "
-                        f"{type(nbytes).__name__}") from None
+    from ._validate import to_int  # _validate imports this module: import on use
+
+    n = to_int(nbytes, "set_backward_workspace_budget")
     if not 0 <= n < 1 << 63:
         raise ValueError(f"set_backward_workspace_budget: nbytes must be in [0, 2**63), got {n}")
     return _C._set_bwd_panel_budget(n)
