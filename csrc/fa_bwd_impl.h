@@ -181,10 +181,9 @@ static bw_scratch bw_carve(void *buf, int64_t d)
 }
 
 /* Packed Q (or dO) rows of head h starting at row i. */
-FA_INLINE const acc_t *bw_rows(const fa_bwd_params *p, const fa_bwd_ws *ws, const void *base,
-                               const fa_seq *s, int64_t h, int64_t i)
+FA_INLINE const acc_t *bw_rows(const fa_bwd_ws *ws, const void *base, const fa_seq *s, int64_t h,
+                               int64_t i)
 {
-    (void)p;
     return (const acc_t *)base + (h * ws->qstride + bw_prow(ws, s, i)) * ws->dpad;
 }
 
@@ -271,8 +270,8 @@ void FA_NAME(prep)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi, int6
     const int64_t d = f->d, dp = DPAD(d), es = fa_dtype_size(f->dtype);
     for (int64_t i = q0; i < q0 + n && i < s.sq; i++) {
         const int64_t pr = s.q_row0 + i;
-        acc_t *qr = (acc_t *)bw_rows(p, ws, ws->Q, &s, h, i);
-        acc_t *dor = (acc_t *)bw_rows(p, ws, ws->dO, &s, h, i);
+        acc_t *qr = (acc_t *)bw_rows(ws, ws->Q, &s, h, i);
+        acc_t *dor = (acc_t *)bw_rows(ws, ws->dO, &s, h, i);
         bw_load(f->dtype, (const char *)f->q.ptr + (s.q_batch * f->q.sb + pr * f->q.sr + h * f->q.sh) * es, d, qr);
         bw_load(f->dtype, (const char *)p->dout.ptr + (s.q_batch * p->dout.sb + pr * p->dout.sr + h * p->dout.sh) * es, d, dor);
         for (int64_t k = d; k < dp; k++)
@@ -404,7 +403,7 @@ fa_status FA_NAME(dkdv)(const fa_bwd_params *p, const fa_bwd_ws *ws, int64_t bi,
                  * chunks' blocks when nch > 1: a cheap superset test; each block is tested below). */
                 if (!bw_bands(p, &s, q0, nr, kg, kend, w.lo, w.hi))
                     continue;
-                const acc_t *Q = bw_rows(p, ws, ws->Q, &s, h, q0), *dO = bw_rows(p, ws, ws->dO, &s, h, q0);
+                const acc_t *Q = bw_rows(ws, ws->Q, &s, h, q0), *dO = bw_rows(ws, ws->dO, &s, h, q0);
                 acc_t *dQr = dQp + h * ws->qstride * dp + bw_prow(ws, &s, q0) * dp;
                 bw_stats(p, ws, &s, h, q0, nr, &w);
                 /* The next query block's rows (contiguous after this block's) into L2. */

@@ -294,27 +294,45 @@ def test_sq_zero_and_dead_rows():
 
 # ---- the funnel: varlen, NPU statistics, pse gradient, explicit mask, sink ----------------------
 
-def test_funnel_varlen():
-    rng = np.random.default_rng(11)
-    lens_q, lens_k = [37, 1, 80, 0, 6], [50, 9, 70, 5, 0]
-    h, hk, d = 4, 2, 24
+def varlen_problem(rng, lens_q, lens_k, dt, h=4, hk=2, d=24):
+    """Packed causal varlen inputs with 3 trailing query rows that belong to no sequence, the
+    forward's out and lse, and the _core keyword arguments."""
     cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int64)
     cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int64)
-    q = randn(rng, (cu_q[-1] + 3, h, d), np.float32)  # 3 trailing rows belong to no sequence
-    k, v = randn(rng, (cu_k[-1], hk, d), np.float32), randn(rng, (cu_k[-1], hk, d), np.float32)
-    dout = randn(rng, q.shape, np.float32)
+    q = randn(rng, (cu_q[-1] + 3, h, d), dt)
+    k, v = randn(rng, (cu_k[-1], hk, d), dt), randn(rng, (cu_k[-1], hk, d), dt)
+    dout = randn(rng, q.shape, dt)
     kw = dict(scale=d ** -0.5, varlen=True, cu_q=cu_q, cu_k=cu_k, left=None, right=0)
     out, lse, _ = _core.forward(q, k, v, out_shape=q.shape, lse_shape=(h, q.shape[0]), **kw)
-    dq, dk, dv, _ = _core.backward(dout, q, k, v, out, lse=lse, **kw)
+    return q, k, v, dout, out, lse, kw
+
+
+def check_varlen_grads(q, k, v, dout, kw, lens_q, lens_k, grads, tol):
+    """Each sequence's gradients against the float64 reference; the trailing rows and sequences
+    without keys get dq = 0, sequences without queries dk = dv = 0."""
+    dq, dk, dv = grads
+    cu_q, cu_k = kw["cu_q"], kw["cu_k"]
     assert np.all(dq[cu_q[-1]:] == 0)
     for i in range(len(lens_q)):
         qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
         if lens_k[i] == 0:
             assert np.all(dq[qs] == 0)
             continue
-        ref = naive(q[None, qs], k[None, ks], v[None, ks], dout[None, qs], scale=d ** -0.5, causal=True)
+        ref = naive(q[None, qs], k[None, ks], v[None, ks], dout[None, qs], scale=kw["scale"],
+                    causal=True)
         for g, r in zip((dq[qs], dk[ks], dv[ks]), ref[1:4]):
-            np.testing.assert_allclose(g, r[0], atol=2e-5, rtol=1e-4)
+            np.testing.assert_allclose(g, r[0], **tol)
+        if lens_q[i] == 0:
+            assert np.all(dk[ks] == 0) and np.all(dv[ks] == 0)
+
+
+def test_funnel_varlen():
+    lens_q, lens_k = [37, 1, 80, 0, 6], [50, 9, 70, 5, 0]
+    q, k, v, dout, out, lse, kw = varlen_problem(np.random.default_rng(11), lens_q, lens_k,
+                                                 np.float32)
+    dq, dk, dv, _ = _core.backward(dout, q, k, v, out, lse=lse, **kw)
+    check_varlen_grads(q, k, v, dout, kw, lens_q, lens_k, (dq, dk, dv),
+                       dict(atol=2e-5, rtol=1e-4))
 
 
 @pytest.mark.parametrize("with_sink", [False, True])

@@ -21,7 +21,8 @@ import flash_attn_c as fa
 from flash_attn_c import _C, _core
 
 from conftest import ISAS, randn, using_isa, using_threads
-from test_backward import CASES, case_id, check_case, naive, run_case
+from test_backward import (CASES, case_id, check_case, check_varlen_grads, naive, run_case,
+                           varlen_problem)
 
 FMA_ISAS = [i for i in ISAS if i != "amx"]  # amx runs float32/float64 on the avx512 kernel
 
@@ -122,33 +123,15 @@ def test_panels_threads_bitwise_identical(c, budget_rows):
 def test_panels_varlen(dname):
     """Sequences shorter than a panel, empty ones, a long one spanning 3 panels; 3 trailing rows
     outside every sequence keep zero gradients."""
-    rng = np.random.default_rng(21)
     dt = np.float32 if dname == "f32" else np.float64
     lens_q, lens_k = [37, 1, 150, 0, 6], [50, 9, 170, 5, 0]
-    h, hk, d = 4, 2, 24
-    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int64)
-    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int64)
-    q = randn(rng, (cu_q[-1] + 3, h, d), dt)
-    k, v = randn(rng, (cu_k[-1], hk, d), dt), randn(rng, (cu_k[-1], hk, d), dt)
-    dout = randn(rng, q.shape, dt)
-    kw = dict(scale=d ** -0.5, varlen=True, cu_q=cu_q, cu_k=cu_k, left=None, right=0)
-    out, lse, _ = _core.forward(q, k, v, out_shape=q.shape, lse_shape=(h, q.shape[0]), **kw)
+    q, k, v, dout, out, lse, kw = varlen_problem(np.random.default_rng(21), lens_q, lens_k, dt)
+    tol = dict(atol=2e-5, rtol=1e-4) if dt == np.float32 else dict(atol=1e-12)
     for isa in FMA_ISAS:
         with using_isa(isa), panel_budget(1):
             dq, dk, dv, _ = _core.backward(dout, q, k, v, out, lse=lse, **kw)
             assert panels_of_last_call() == 3
-        assert np.all(dq[cu_q[-1]:] == 0)
-        for i in range(len(lens_q)):
-            qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
-            if lens_k[i] == 0:
-                assert np.all(dq[qs] == 0)
-                continue
-            ref = naive(q[None, qs], k[None, ks], v[None, ks], dout[None, qs], scale=d ** -0.5, causal=True)
-            tol = dict(atol=2e-5, rtol=1e-4) if dt == np.float32 else dict(atol=1e-12)
-            for g, r in zip((dq[qs], dk[ks], dv[ks]), ref[1:4]):
-                np.testing.assert_allclose(g, r[0], **tol)
-            if lens_q[i] == 0:
-                assert np.all(dk[ks] == 0) and np.all(dv[ks] == 0)
+        check_varlen_grads(q, k, v, dout, kw, lens_q, lens_k, (dq, dk, dv), tol)
 
 
 @pytest.mark.parametrize("row_broadcast", [False, True])
