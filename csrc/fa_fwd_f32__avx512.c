@@ -1,9 +1,11 @@
 /* fa_fwd_f32__avx512.c: FlashAttention-2 forward with float32 arithmetic, AVX-512F intrinsics.
  *
  * Serves f32, f16 and bf16 inputs. When the driver packs K/V (every row reused by >= 2 items),
- * each (batch, kv head) is widened once into contiguous float32 rows padded to 16; otherwise f32 K
- * rows are read in place through row pointers (any stride, kvcache, paged) and V blocks (and
- * f16/bf16 K blocks) are widened block by block into scratch.
+ * each (batch, kv head) is widened once into float32: K in panels of QK_MR keys per 128-key block,
+ * element (key r, dim k) at k * QK_MR + r, so each S^T tile reads one contiguous stream (six
+ * separate row streams ran Q K^T ~10% slower, NOTES.md), and V in rows padded to 16; otherwise
+ * f32 K rows are read in place through row pointers (any stride, kvcache, paged) and V blocks
+ * (and f16/bf16 K blocks) are widened block by block into scratch.
  *
  * A work item is up to 256 queries of one (batch, head): four 64-query sub-blocks that share each
  * K/V block fetched. The score block is kept transposed (see fa_fwd_avx512_lanes.h):
@@ -24,6 +26,7 @@
 #define QK_MR 6              /* keys per S^T register tile (x NQV vectors) */
 #define PV_MR 6              /* queries per O register tile */
 #define PV_NR 4              /* vectors of d per O register tile */
+#define NPAN ((BC + QK_MR - 1) / QK_MR) /* K panels per block in the packed copy */
 
 /* ---- scratch -------------------------------------------------------------------------------- */
 
@@ -36,6 +39,7 @@ typedef struct {
     float *O;            /* QB x dpad: unnormalized output */
     float *Kc, *Vc;      /* BC x dpad: widened K rows (f16/bf16) and the packed V block */
     const float *Vb;     /* the current V block, BC x dpad (Vc or a slice of the packed copy) */
+    const float *Kpan;   /* the current K block's panels in the packed copy, or NULL: rows (kp) */
     float *zero;         /* dpad zeros: the K row of keys past the block end */
     const float **kp;    /* BC + QK_MR row pointers */
     const char **pf;     /* 2 BC: K and V rows of the next block, to prefetch */
@@ -97,18 +101,19 @@ typedef struct {
     __mmask16 nan[NQV];
 } fused_max;
 
-/* S^T[j0 + r][0..BR) = K[j0 + r] . Q^T for r < MR: MR x NQV accumulators (24 at MR = 6, which
+/* S^T[j0 + r][0..BR) = K[j0 + r] . Q^T for r < MR, keys from row pointers kp (KK 1) or from the
+ * panel pan (KK = QK_MR): MR x NQV accumulators (24 at MR = 6, which
  * leaves registers for the 4 Q^T vectors; 10 loads feed 24 FMAs). With fm, the tile is stored
  * scaled (the scores of a plain block, as block_scores would make them) and its first nvalid
  * rows join fm's max. */
-INL void qk_tile(const int MR, const float *restrict QT, const float *const *kp, int64_t d,
-                 float *restrict ST, fused_max *fm, int nvalid)
+INL void qk_tile(const int MR, const int KK, const float *restrict QT, const float *const *kp,
+                 const float *pan, int64_t d, float *restrict ST, fused_max *fm, int nvalid)
 {
     __m512 acc[QK_MR][NQV];
-    const float *kr[QK_MR];
+    const float *kr[QK_MR]; /* key r's dim k at kr[r][k * KK]: a row (KK 1) or a panel (QK_MR) */
 #pragma GCC unroll 16
     for (int r = 0; r < MR; r++) {
-        kr[r] = kp[r];
+        kr[r] = KK == 1 ? kp[r] : pan + r;
 #pragma GCC unroll 16
         for (int v = 0; v < NQV; v++)
             acc[r][v] = _mm512_setzero_ps();
@@ -120,7 +125,7 @@ INL void qk_tile(const int MR, const float *restrict QT, const float *const *kp,
             q[v] = _mm512_load_ps(QT + k * BR + v * 16);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; r++) {
-            const __m512 b = _mm512_set1_ps(kr[r][k]);
+            const __m512 b = _mm512_set1_ps(kr[r][k * KK]);
 #pragma GCC unroll 16
             for (int v = 0; v < NQV; v++)
                 acc[r][v] = _mm512_fmadd_ps(b, q[v], acc[r][v]);
@@ -203,13 +208,26 @@ static inline void prefetch_rows(const work *w, int64_t j0, int64_t j1)
 static void gemm_qk(const work *w, int64_t d, int64_t nc, int pf, fused_max *fm)
 {
     int64_t j = 0;
+    if (w->Kpan) {
+        /* Panels: a tail of <= 4 keys takes a 4-key tile, 5 keys a whole panel (the panel's
+         * rows past the sequence end are zero, rows past nc real keys: either is discarded). */
+        for (; j < nc; j += QK_MR) {
+            const float *pan = w->Kpan + j * d;
+            float *ST = w->ln.ST + j * BR;
+            if (nc - j <= 4)
+                qk_tile(4, QK_MR, w->QT, NULL, pan, d, ST, fm, (int)(nc - j));
+            else
+                qk_tile(QK_MR, QK_MR, w->QT, NULL, pan, d, ST, fm, (int)(nc - j));
+        }
+        return;
+    }
     for (; j + QK_MR <= nc; j += QK_MR) {
         if (pf)
             prefetch_rows(w, j, j + QK_MR);
-        qk_tile(QK_MR, w->QT, w->kp + j, d, w->ln.ST + j * BR, fm, QK_MR);
+        qk_tile(QK_MR, 1, w->QT, w->kp + j, NULL, d, w->ln.ST + j * BR, fm, QK_MR);
     }
     for (; j < nc; j += 4)
-        qk_tile(4, w->QT, w->kp + j, d, w->ln.ST + j * BR, fm, (int)(nc - j));
+        qk_tile(4, 1, w->QT, w->kp + j, NULL, d, w->ln.ST + j * BR, fm, (int)(nc - j));
     if (pf)
         prefetch_rows(w, nc / QK_MR * QK_MR, BC);
 }
@@ -246,6 +264,13 @@ static void gemm_pv(const work *w, int64_t d, int64_t nc, int64_t rows)
 
 /* ---- K/V rows of a block ---------------------------------------------------------------------- */
 
+/* Floats of the packed copy's K panels for sk keys (whole blocks of NPAN panels), rounded up
+ * to whole vectors: V's rows after them are read with aligned loads. */
+static int64_t packed_k_floats(int64_t d, int64_t sk)
+{
+    return DPAD((sk + BC - 1) / BC * NPAN * QK_MR * d);
+}
+
 /* Row pointers (f32 K), widened copies (f16/bf16 K) and the packed V block for keys
  * [kb0, kb0 + nc), plus the addresses of the next block's rows (up to kend) for gemm_qk to
  * prefetch: consecutive keys are a head stride apart (often a page or more), beyond the reach of
@@ -254,55 +279,79 @@ static void block_rows(const fa_fwd_params *p, const fa_seq *s, int64_t hk, cons
                        int64_t kb0, int64_t nc, int64_t kend, int want_v, work *w)
 {
     const int64_t d = p->d, dp = DPAD(d), es = fa_dtype_size(p->dtype);
+    w->Kpan = NULL;
     if (packed) {
-        /* Contiguous rows: the hardware prefetchers keep up on their own. */
-        const float *Kp = packed, *Vp = packed + s->sk * dp;
-        for (int64_t j = 0; j < nc; j++)
-            w->kp[j] = Kp + (kb0 + j) * dp;
-        w->Vb = Vp + kb0 * dp;
+        /* Contiguous panels and rows: the hardware prefetchers keep up on their own. Packed
+         * blocks start at multiples of BC (the item aligns kmin). */
+        w->Kpan = packed + kb0 / BC * NPAN * QK_MR * d;
+        w->Vb = packed + packed_k_floats(d, s->sk) + kb0 * dp;
         w->npf = 0;
-    } else {
-        const int64_t nnext = kend - (kb0 + BC) < BC ? kend - (kb0 + BC) : BC;
-        w->npf = nnext > 0 ? nnext : 0;
-        for (int64_t j = 0; j < w->npf; j++) {
-            w->pf[2 * j] = fa_key_ptr(p, &p->k, s, kb0 + BC + j, hk, es);
-            w->pf[2 * j + 1] = want_v ? fa_key_ptr(p, &p->v, s, kb0 + BC + j, hk, es) : NULL;
-        }
-        w->pf_bytes = d * es;
-        for (int64_t j = 0; j < nc; j++) {
-            const char *kr = fa_key_ptr(p, &p->k, s, kb0 + j, hk, es);
-            if (p->dtype == FA_F32) {
-                w->kp[j] = (const float *)kr;
-            } else {
-                widen_row(p->dtype, kr, d, w->Kc + j * dp);
-                w->kp[j] = w->Kc + j * dp;
-            }
-            /* V rows are always copied: PV reads the block once per query tile, and rows at a
-             * large power-of-two stride would all land in the same few L1 sets. */
-            if (want_v)
-                widen_row(p->dtype, fa_key_ptr(p, &p->v, s, kb0 + j, hk, es), d, w->Vc + j * dp);
-        }
-        w->Vb = w->Vc;
+        return;
     }
+    const int64_t nnext = kend - (kb0 + BC) < BC ? kend - (kb0 + BC) : BC;
+    w->npf = nnext > 0 ? nnext : 0;
+    for (int64_t j = 0; j < w->npf; j++) {
+        w->pf[2 * j] = fa_key_ptr(p, &p->k, s, kb0 + BC + j, hk, es);
+        w->pf[2 * j + 1] = want_v ? fa_key_ptr(p, &p->v, s, kb0 + BC + j, hk, es) : NULL;
+    }
+    w->pf_bytes = d * es;
+    for (int64_t j = 0; j < nc; j++) {
+        const char *kr = fa_key_ptr(p, &p->k, s, kb0 + j, hk, es);
+        if (p->dtype == FA_F32) {
+            w->kp[j] = (const float *)kr;
+        } else {
+            widen_row(p->dtype, kr, d, w->Kc + j * dp);
+            w->kp[j] = w->Kc + j * dp;
+        }
+        /* V rows are always copied: PV reads the block once per query tile, and rows at a
+         * large power-of-two stride would all land in the same few L1 sets. */
+        if (want_v)
+            widen_row(p->dtype, fa_key_ptr(p, &p->v, s, kb0 + j, hk, es), d, w->Vc + j * dp);
+    }
+    w->Vb = w->Vc;
     for (int64_t j = nc; j < nc + 4; j++) /* the tiles of gemm_qk overrun nc by at most 3 */
         w->kp[j] = w->zero;
 }
 
-/* Packed copy of (batch bi, kv head hk): K then V, each sk x dpad float32, zero padded. */
+/* Packed copy of (batch bi, kv head hk), float32: K as NPAN panels per BC-key block, panel t of
+ * block b holding keys b BC + t QK_MR + r (r < QK_MR) at [k * QK_MR + r] (keys past sk zero); then
+ * V as sk rows of dpad, zero padded. */
 size_t fa_fwd_f32__avx512_pack_bytes(const fa_fwd_params *p, int64_t sk)
 {
-    return (size_t)(2 * sk * DPAD(p->d)) * sizeof(float);
+    return (size_t)(packed_k_floats(p->d, sk) + sk * DPAD(p->d)) * sizeof(float);
 }
 
 void fa_fwd_f32__avx512_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, void *dst)
 {
     const fa_seq s = fa_seq_of(p, bi);
     const int64_t d = p->d, dp = DPAD(d), es = fa_dtype_size(p->dtype);
-    float *Kp = (float *)dst, *Vp = Kp + s.sk * dp;
-    for (int64_t j = 0; j < s.sk; j++) {
-        widen_row(p->dtype, fa_key_ptr(p, &p->k, &s, j, hk, es), d, Kp + j * dp);
-        widen_row(p->dtype, fa_key_ptr(p, &p->v, &s, j, hk, es), d, Vp + j * dp);
+    float *Kp = (float *)dst, *Vp = Kp + packed_k_floats(d, s.sk);
+    float rows[QK_MR][512] __attribute__((aligned(64))); /* one panel's keys widened, d <= 512 */
+    for (int64_t j0 = 0, n; j0 < s.sk; j0 += n) {
+        /* keys j0.. of one panel: a block's last panel ends at the block end (or at sk), its
+         * missing keys stored as zeros */
+        const int64_t b = j0 / BC, t = j0 % BC / QK_MR;
+        const int64_t end = (b + 1) * BC < s.sk ? (b + 1) * BC : s.sk;
+        n = end - j0 < QK_MR ? end - j0 : QK_MR;
+        float *pan = Kp + (b * NPAN + t) * QK_MR * d;
+        __m512 r[16], o[16];
+        for (int64_t i = 0; i < n; i++)
+            widen_row(p->dtype, fa_key_ptr(p, &p->k, &s, j0 + i, hk, es), d, rows[i]);
+        /* 16 dims at a time: the panel's rows transposed, each dim's QK_MR keys stored at once */
+        for (int64_t k0 = 0; k0 < d; k0 += 16) {
+            for (int i = 0; i < 16; i++)
+                r[i] = i < n ? _mm512_load_ps(rows[i] + k0) : _mm512_setzero_ps();
+            fa_t16(r, o);
+            for (int64_t k = k0; k < d && k < k0 + 16; k++)
+                _mm512_mask_storeu_ps(pan + k * QK_MR, (__mmask16)((1u << QK_MR) - 1), o[k - k0]);
+        }
+        for (int64_t i = 0; i < n; i++)
+            widen_row(p->dtype, fa_key_ptr(p, &p->v, &s, j0 + i, hk, es), d, Vp + (j0 + i) * dp);
     }
+    /* the last block's panels past sk (never read) and the vector padding: zeros, not garbage */
+    const int64_t last = s.sk - 1; /* the panel after last's */
+    const int64_t used = s.sk > 0 ? (last / BC * NPAN + last % BC / QK_MR + 1) * QK_MR * d : 0;
+    memset(Kp + used, 0, (size_t)(packed_k_floats(d, s.sk) - used) * sizeof(float));
 }
 
 /* ---- the work item ---------------------------------------------------------------------------- */
@@ -324,6 +373,8 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
     /* Visible keys of every row, of every sub-block and of the whole item. */
     int64_t kmin, kmax, smin[QB / BR], smax[QB / BR];
     item_bands(p, &s, q0, nrows, &w.ln, smin, smax, &kmin, &kmax);
+    if (packed) /* the packed panels come in whole blocks: keys before a row's band get masked */
+        kmin = kmin / BC * BC;
 
     /* Q^T per sub-block, padding queries zero; statistics start empty (or at the sink logit,
      * one extra key whose exp(sink - m) enters the denominator only). */
