@@ -2,18 +2,21 @@
  *
  * Serves f32, f16 and bf16 inputs. When the driver packs K/V (every row reused by >= 2 items),
  * each (batch, kv head) is widened once into float32: K in panels of QK_MR keys per 128-key block,
- * element (key r, dim k) at k * QK_MR + r, so each S^T tile reads one contiguous stream (six
- * separate row streams ran Q K^T ~10% slower, NOTES.md), and V in rows padded to 16; otherwise
- * f32 K rows are read in place through row pointers (any stride, kvcache, paged) and V blocks
- * (and f16/bf16 K blocks) are widened block by block into scratch.
+ * element (key r, dim k) at k * QK_MR + r, and V in panels of PV_MR dims, element (key j, dim c)
+ * at j * PV_MR + c % PV_MR, so each register tile broadcasts from one contiguous stream (six
+ * separate row streams ran Q K^T ~10% slower, NOTES.md); otherwise f32 K rows are read in place
+ * through row pointers (any stride, kvcache, paged) and V blocks (and f16/bf16 K blocks) are
+ * widened block by block into scratch, V into the same panels.
  *
  * A work item is up to 256 queries of one (batch, head): four 64-query sub-blocks that share each
  * K/V block fetched. The score block is kept transposed (see fa_fwd_avx512_lanes.h):
  *   S^T = K Q^T   6 keys x 4 query vectors register tiles, one key element broadcast against 4
  *                 vectors of the sub-block's packed Q^T (d x 64)
  *   softmax       vertical, per query lane (fa_fwd_avx512_lanes.h)
- *   O = alpha O + P V   6 queries x 4 d-vectors register tiles, broadcasting P^T elements against
- *                 rows of the packed V block; the rescale is folded into loading the O tile.
+ *   O^T = alpha O^T + V^T P^T   6 dims x 4 query vectors register tiles, one V element broadcast
+ *                 against 4 vectors of P^T; the output is kept transposed too (dims x 64 per
+ *                 sub-block), the per-query rescale is one vector per tile row, and the rows are
+ *                 transposed back once per item.
  * Blocks are 128 keys: each sub-block's Q^T and output rows, fetched again from L2 for every
  * block, then serve twice the keys of 64-key blocks. Blocks that every row sees whole in calls
  * without pse/mask/softcap/alibi skip the masking.
@@ -24,8 +27,9 @@
 #define QB FA_FWD_F32_AVX512_ROWS /* queries per work item: QB / BR sub-blocks */
 #define BC 128               /* keys per block (64: 5-9% slower on F1/F2, NOTES.md) */
 #define QK_MR 6              /* keys per S^T register tile (x NQV vectors) */
-#define PV_MR 6              /* queries per O register tile */
-#define PV_NR 4              /* vectors of d per O register tile */
+#define PV_MR 6              /* dims per O^T register tile (x NQV query vectors) */
+#define DP6(d) (((d) + PV_MR - 1) / PV_MR * PV_MR) /* dims in whole V panels */
+#define OTR(d) DPAD(DP6(d))  /* O^T rows per sub-block: whole 16-row groups for the transposes */
 #define NPAN ((BC + QK_MR - 1) / QK_MR) /* K panels per block in the packed copy */
 
 /* ---- scratch -------------------------------------------------------------------------------- */
@@ -36,9 +40,12 @@
 typedef struct {
     fa_lanes ln;         /* ST, m, l, alpha (QB each), lo, hi (QB), c0, c1 (BR) */
     float *QT;           /* per sub-block d x BR: Q^T, padding queries zero */
-    float *O;            /* QB x dpad: unnormalized output */
-    float *Kc, *Vc;      /* BC x dpad: widened K rows (f16/bf16) and the packed V block */
-    const float *Vb;     /* the current V block, BC x dpad (Vc or a slice of the packed copy) */
+    float *OT;           /* per sub-block OTR(d) x BR: unnormalized output, transposed */
+    float *Kc;           /* BC x dpad: widened K rows (f16/bf16); 16 output rows at the end */
+    float *Vc;           /* DP6(d) / PV_MR panels x BC keys x PV_MR: the V block (unpacked) */
+    float *vrow;         /* DPAD(d) + 16 floats: one V row widened, zero past d */
+    const float *Vpan;   /* the current block's first V panel (Vc, or in the packed copy) */
+    int64_t vps;         /* floats from one V panel to the next */
     const float *Kpan;   /* the current K block's panels in the packed copy, or NULL: rows (kp) */
     float *zero;         /* dpad zeros: the K row of keys past the block end */
     const float **kp;    /* BC + QK_MR row pointers */
@@ -51,7 +58,7 @@ static work sub_block(const work *w, int64_t sb, int64_t d)
 {
     work v = *w;
     v.QT += sb * d * BR;
-    v.O += sb * BR * DPAD(d);
+    v.OT += sb * OTR(d) * BR;
     v.ln.m += sb * BR, v.ln.l += sb * BR, v.ln.alpha += sb * BR;
     v.ln.lo += sb * BR, v.ln.hi += sb * BR;
     return v;
@@ -60,8 +67,9 @@ static work sub_block(const work *w, int64_t sb, int64_t d)
 static size_t scratch_size(int64_t d)
 {
     int64_t dp = DPAD(d);
-    return PIECE(d * QB * 4) + PIECE((BC + QK_MR) * BR * 4) + PIECE(QB * dp * 4) +
-           2 * PIECE(BC * dp * 4) + PIECE(dp * 4) + PIECE((BC + QK_MR) * sizeof(float *)) +
+    return PIECE(d * QB * 4) + PIECE((BC + QK_MR) * BR * 4) + PIECE(QB * OTR(d) * 4) +
+           PIECE(BC * dp * 4) + PIECE(DP6(d) * BC * 4) + PIECE((dp + 16) * 4) + PIECE(dp * 4) +
+           PIECE((BC + QK_MR) * sizeof(float *)) +
            PIECE(2 * BC * sizeof(char *)) +
            3 * PIECE(QB * 4) + 2 * PIECE(QB * 8) + 2 * PIECE(BR * 4);
 }
@@ -73,9 +81,10 @@ static work carve(void *buf, int64_t d)
     work w;
     w.QT = (float *)p, p += PIECE(d * QB * 4);
     w.ln.ST = (float *)p, p += PIECE((BC + QK_MR) * BR * 4);
-    w.O = (float *)p, p += PIECE(QB * dp * 4);
+    w.OT = (float *)p, p += PIECE(QB * OTR(d) * 4);
     w.Kc = (float *)p, p += PIECE(BC * dp * 4);
-    w.Vc = (float *)p, p += PIECE(BC * dp * 4);
+    w.Vc = (float *)p, p += PIECE(DP6(d) * BC * 4);
+    w.vrow = (float *)p, p += PIECE((dp + 16) * 4);
     w.zero = (float *)p, p += PIECE(dp * 4);
     w.kp = (const float **)p, p += PIECE((BC + QK_MR) * sizeof(float *));
     w.pf = (const char **)p, p += PIECE(2 * BC * sizeof(char *));
@@ -153,40 +162,38 @@ INL void qk_tile(const int MR, const int KK, const float *restrict QT, const flo
     }
 }
 
-/* O[r][c-vectors] = alpha_r O[r][..] + sum_j P^T[j][r] V[j][..] for MR rows and NR vectors of
- * the packed V block (row stride ldv, zero padded, so no masks). The block's sum starts from zero
+/* O^T[c][..] = alpha O^T[c][..] + sum_j V[j][c] P^T[j][..] for MR dims c of one V panel (key j's
+ * dims at Vp[j * PV_MR]) and the sub-block's NQV query vectors. The block's sum starts from zero
  * and is added to O once: a two-level summation whose rounding error grows with the block size
  * plus the number of blocks, not with the sequence length. */
-INL void pv_tile(const int MR, const int NR, const float *restrict PT, const float *restrict V,
-                 int64_t ldv, int64_t nc, const float *alpha, float *restrict O, int64_t ldo)
+INL void pv_tile(const int MR, const float *restrict PT, const float *restrict Vp, int64_t nc,
+                 const __m512 *alpha, float *restrict OT)
 {
-    __m512 acc[PV_MR][PV_NR];
+    __m512 acc[PV_MR][NQV];
 #pragma GCC unroll 16
     for (int r = 0; r < MR; r++)
 #pragma GCC unroll 16
-        for (int c = 0; c < NR; c++)
-            acc[r][c] = _mm512_setzero_ps();
+        for (int v = 0; v < NQV; v++)
+            acc[r][v] = _mm512_setzero_ps();
     for (int64_t j = 0; j < nc; j++) {
-        __m512 v[PV_NR];
+        __m512 pv[NQV];
 #pragma GCC unroll 16
-        for (int c = 0; c < NR; c++)
-            v[c] = _mm512_load_ps(V + j * ldv + c * 16);
+        for (int v = 0; v < NQV; v++)
+            pv[v] = _mm512_load_ps(PT + j * BR + v * 16);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; r++) {
-            __m512 pb = _mm512_set1_ps(PT[j * BR + r]);
+            const __m512 b = _mm512_set1_ps(Vp[j * PV_MR + r]);
 #pragma GCC unroll 16
-            for (int c = 0; c < NR; c++)
-                acc[r][c] = _mm512_fmadd_ps(pb, v[c], acc[r][c]);
+            for (int v = 0; v < NQV; v++)
+                acc[r][v] = _mm512_fmadd_ps(b, pv[v], acc[r][v]);
         }
     }
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; r++) {
-        __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int r = 0; r < MR; r++)
 #pragma GCC unroll 16
-        for (int c = 0; c < NR; c++)
-            _mm512_store_ps(O + r * ldo + c * 16,
-                            _mm512_fmadd_ps(a, _mm512_load_ps(O + r * ldo + c * 16), acc[r][c]));
-    }
+        for (int v = 0; v < NQV; v++)
+            _mm512_store_ps(OT + r * BR + v * 16,
+                            _mm512_fmadd_ps(alpha[v], _mm512_load_ps(OT + r * BR + v * 16), acc[r][v]));
 }
 
 /* Prefetch into L2 the next block's K and V rows [j0, j1): spread over the QK tiles so the
@@ -232,37 +239,34 @@ static void gemm_qk(const work *w, int64_t d, int64_t nc, int pf, fused_max *fm)
         prefetch_rows(w, nc / QK_MR * QK_MR, BC);
 }
 
-#define PV_CASE(MR, NR) pv_tile(MR, NR, PT, V, dp, nc, w->ln.alpha + r0, O, dp)
-#define PV_NR_SWITCH(MR)                                                                           \
-    switch (nr) {                                                                                  \
-    case 1: PV_CASE(MR, 1); break;                                                                 \
-    case 2: PV_CASE(MR, 2); break;                                                                 \
-    case 3: PV_CASE(MR, 3); break;                                                                 \
-    default: PV_CASE(MR, 4); break;                                                                \
-    }
-
-/* O[0..rows) = alpha O + P V over the block's nc keys. */
-static void gemm_pv(const work *w, int64_t d, int64_t nc, int64_t rows)
+/* O^T = alpha O^T + V^T P^T over the block's nc keys, every query lane of the sub-block (lanes
+ * past its rows hold P = 0 or garbage that no output row reads). */
+static void gemm_pv(const work *w, int64_t d, int64_t nc)
 {
-    const int64_t dp = DPAD(d), nvec = dp / 16;
-    for (int64_t c0 = 0; c0 < nvec; c0 += PV_NR) {
-        const int nr = nvec - c0 < PV_NR ? (int)(nvec - c0) : PV_NR;
-        const float *V = w->Vb + c0 * 16;
-        int64_t r0 = 0;
-        for (; r0 + PV_MR <= rows; r0 += PV_MR) {
-            const float *PT = w->ln.ST + r0;
-            float *O = w->O + r0 * dp + c0 * 16;
-            PV_NR_SWITCH(PV_MR)
-        }
-        for (; r0 < rows; r0 += 4) {
-            const float *PT = w->ln.ST + r0;
-            float *O = w->O + r0 * dp + c0 * 16;
-            PV_NR_SWITCH(4)
-        }
+    __m512 alpha[NQV];
+    for (int v = 0; v < NQV; v++)
+        alpha[v] = _mm512_loadu_ps(w->ln.alpha + v * 16);
+    for (int64_t c0 = 0; c0 < d; c0 += PV_MR) {
+        const float *Vp = w->Vpan + c0 / PV_MR * w->vps;
+        if (d - c0 <= 4) /* the last panel's padding dims land in O^T rows no output reads */
+            pv_tile(4, w->ln.ST, Vp, nc, alpha, w->OT + c0 * BR);
+        else
+            pv_tile(PV_MR, w->ln.ST, Vp, nc, alpha, w->OT + c0 * BR);
     }
 }
 
 /* ---- K/V rows of a block ---------------------------------------------------------------------- */
+
+/* One V row (n dims of dtype t at src) into dims-panels: dim c to dst[(c / PV_MR) ps + c % PV_MR].
+ * row: DPAD(n) + 16 floats whose last 16 are zero. */
+static inline void v_to_panels(fa_dtype t, const void *src, int64_t n, float *row, float *dst,
+                               int64_t ps)
+{
+    widen_row(t, src, n, row);
+    for (int64_t c = 0; c < n; c += PV_MR)
+        _mm512_mask_storeu_ps(dst + c / PV_MR * ps, (__mmask16)((1u << PV_MR) - 1),
+                              _mm512_loadu_ps(row + c));
+}
 
 /* Floats of the packed copy's K panels for sk keys (whole blocks of NPAN panels), rounded up
  * to whole vectors: V's rows after them are read with aligned loads. */
@@ -284,7 +288,8 @@ static void block_rows(const fa_fwd_params *p, const fa_seq *s, int64_t hk, cons
         /* Contiguous panels and rows: the hardware prefetchers keep up on their own. Packed
          * blocks start at multiples of BC (the item aligns kmin). */
         w->Kpan = packed + kb0 / BC * NPAN * QK_MR * d;
-        w->Vb = packed + packed_k_floats(d, s->sk) + kb0 * dp;
+        w->Vpan = packed + packed_k_floats(d, s->sk) + kb0 * PV_MR;
+        w->vps = s->sk * PV_MR;
         w->npf = 0;
         return;
     }
@@ -303,30 +308,35 @@ static void block_rows(const fa_fwd_params *p, const fa_seq *s, int64_t hk, cons
             widen_row(p->dtype, kr, d, w->Kc + j * dp);
             w->kp[j] = w->Kc + j * dp;
         }
-        /* V rows are always copied: PV reads the block once per query tile, and rows at a
-         * large power-of-two stride would all land in the same few L1 sets. */
+        /* V is always copied, into panels (the layout pv_tile reads; rows at a large
+         * power-of-two stride would also all land in the same few L1 sets). */
         if (want_v)
-            widen_row(p->dtype, fa_key_ptr(p, &p->v, s, kb0 + j, hk, es), d, w->Vc + j * dp);
+            v_to_panels(p->dtype, fa_key_ptr(p, &p->v, s, kb0 + j, hk, es), d, w->vrow,
+                        w->Vc + j * PV_MR, BC * PV_MR);
     }
-    w->Vb = w->Vc;
+    w->Vpan = w->Vc;
+    w->vps = BC * PV_MR;
     for (int64_t j = nc; j < nc + 4; j++) /* the tiles of gemm_qk overrun nc by at most 3 */
         w->kp[j] = w->zero;
 }
 
 /* Packed copy of (batch bi, kv head hk), float32: K as NPAN panels per BC-key block, panel t of
  * block b holding keys b BC + t QK_MR + r (r < QK_MR) at [k * QK_MR + r] (keys past sk zero); then
- * V as sk rows of dpad, zero padded. */
+ * V as DP6(d) / PV_MR panels over all keys, panel t holding dim t PV_MR + c of key j at
+ * [j * PV_MR + c] (dims past d zero). */
 size_t fa_fwd_f32__avx512_pack_bytes(const fa_fwd_params *p, int64_t sk)
 {
-    return (size_t)(packed_k_floats(p->d, sk) + sk * DPAD(p->d)) * sizeof(float);
+    return (size_t)(packed_k_floats(p->d, sk) + sk * DP6(p->d)) * sizeof(float);
 }
 
 void fa_fwd_f32__avx512_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, void *dst)
 {
     const fa_seq s = fa_seq_of(p, bi);
-    const int64_t d = p->d, dp = DPAD(d), es = fa_dtype_size(p->dtype);
+    const int64_t d = p->d, es = fa_dtype_size(p->dtype);
     float *Kp = (float *)dst, *Vp = Kp + packed_k_floats(d, s.sk);
     float rows[QK_MR][512] __attribute__((aligned(64))); /* one panel's keys widened, d <= 512 */
+    float vrow[512 + 16] __attribute__((aligned(64))); /* zero past d: v_to_panels reads on */
+    memset(vrow, 0, sizeof vrow);
     for (int64_t j0 = 0, n; j0 < s.sk; j0 += n) {
         /* keys j0.. of one panel: a block's last panel ends at the block end (or at sk), its
          * missing keys stored as zeros */
@@ -346,7 +356,8 @@ void fa_fwd_f32__avx512_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, voi
                 _mm512_mask_storeu_ps(pan + k * QK_MR, (__mmask16)((1u << QK_MR) - 1), o[k - k0]);
         }
         for (int64_t i = 0; i < n; i++)
-            widen_row(p->dtype, fa_key_ptr(p, &p->v, &s, j0 + i, hk, es), d, Vp + (j0 + i) * dp);
+            v_to_panels(p->dtype, fa_key_ptr(p, &p->v, &s, j0 + i, hk, es), d, vrow,
+                        Vp + (j0 + i) * PV_MR, s.sk * PV_MR);
     }
     /* the last block's panels past sk (never read) and the vector padding: zeros, not garbage */
     const int64_t last = s.sk - 1; /* the panel after last's */
@@ -406,7 +417,8 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
             w.ln.l[r] = 1;
         }
     }
-    memset(w.O, 0, (size_t)(nsub * BR * dp) * 4);
+    memset(w.OT, 0, (size_t)(nsub * OTR(d) * BR) * 4);
+    memset(w.vrow, 0, (size_t)(dp + 16) * 4);
     memset(w.zero, 0, (size_t)dp * 4);
 
     /* Each key block is fetched once and used by every sub-block whose band meets it. */
@@ -441,14 +453,18 @@ fa_status fa_fwd_f32__avx512_item(const fa_fwd_params *p, int64_t bi, int64_t h,
             pf_done = 1;
             if (has_drop)
                 block_dropout(p, &s, h, qs, nr, kb0, &v.ln, v.ln.ST, thr);
-            gemm_pv(&v, d, ncs, (nr + 3) / 4 * 4);
+            gemm_pv(&v, d, ncs);
         }
     }
 
     const float drop_scale = has_drop ? (float)(1.0 / (1.0 - p->dropout_p)) : 1.0f;
-    for (int64_t r = 0; r < nrows; r++) {
-        const int64_t i = q0 + r;
-        finish_row(p, &s, h, i, &w.ln, r, w.O + r * dp, drop_scale);
+    for (int64_t r0 = 0; r0 < nrows; r0 += 16) {
+        /* 16 output rows back from O^T into Kc, then normalized and stored */
+        const float *OT = w.OT + (r0 / BR) * OTR(d) * BR + r0 % BR;
+        for (int64_t c0 = 0; c0 < d; c0 += 16)
+            transpose16(OT + c0 * BR, BR, w.Kc + c0, dp);
+        for (int64_t r = r0; r < nrows && r < r0 + 16; r++)
+            finish_row(p, &s, h, q0 + r, &w.ln, r, w.Kc + (r - r0) * dp, drop_scale);
     }
 
     /* S_dmask (testing aid): recompute the scores block by block and write the normalized
