@@ -17,7 +17,7 @@
  *                 against 4 vectors of P^T; the output is kept transposed too (dims x 64 per
  *                 sub-block), the per-query rescale is one vector per tile row, and the rows are
  *                 transposed back once per item.
- * Blocks are 128 keys: each sub-block's Q^T and output rows, fetched again from L2 for every
+ * Blocks are 128 keys: each sub-block's Q^T and O^T, fetched again from L2 for every
  * block, then serve twice the keys of 64-key blocks. Blocks that every row sees whole in calls
  * without pse/mask/softcap/alibi skip the masking.
  */
