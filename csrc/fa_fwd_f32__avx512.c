@@ -269,14 +269,14 @@ static inline void v_to_panels(fa_dtype t, const void *src, int64_t n, float *ro
 }
 
 /* Floats of the packed copy's K panels for sk keys (whole blocks of NPAN panels), rounded up
- * to whole vectors: V's rows after them are read with aligned loads. */
+ * to whole vectors so that V's panels after them start on a cache line. */
 static int64_t packed_k_floats(int64_t d, int64_t sk)
 {
     return DPAD((sk + BC - 1) / BC * NPAN * QK_MR * d);
 }
 
-/* Row pointers (f32 K), widened copies (f16/bf16 K) and the packed V block for keys
- * [kb0, kb0 + nc), plus the addresses of the next block's rows (up to kend) for gemm_qk to
+/* K panels and V panels in the packed copy, or else row pointers (f32 K), widened copies
+ * (f16/bf16 K) and V copied into panels in scratch, for keys [kb0, kb0 + nc), plus the addresses of the next block's rows (up to kend) for gemm_qk to
  * prefetch: consecutive keys are a head stride apart (often a page or more), beyond the reach of
  * the hardware prefetchers. */
 static void block_rows(const fa_fwd_params *p, const fa_seq *s, int64_t hk, const float *packed,
