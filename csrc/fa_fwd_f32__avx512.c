@@ -276,9 +276,9 @@ static int64_t packed_k_floats(int64_t d, int64_t sk)
 }
 
 /* K panels and V panels in the packed copy, or else row pointers (f32 K), widened copies
- * (f16/bf16 K) and V copied into panels in scratch, for keys [kb0, kb0 + nc), plus the addresses of the next block's rows (up to kend) for gemm_qk to
- * prefetch: consecutive keys are a head stride apart (often a page or more), beyond the reach of
- * the hardware prefetchers. */
+ * (f16/bf16 K) and V copied into panels in scratch, for keys [kb0, kb0 + nc), plus the addresses
+ * of the next block's rows (up to kend) for gemm_qk to prefetch: consecutive keys are a head
+ * stride apart (often a page or more), beyond the reach of the hardware prefetchers. */
 static void block_rows(const fa_fwd_params *p, const fa_seq *s, int64_t hk, const float *packed,
                        int64_t kb0, int64_t nc, int64_t kend, int want_v, work *w)
 {
