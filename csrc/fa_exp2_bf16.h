@@ -11,7 +11,7 @@
  * sum l (lse, checked to 2e-5 and used by the backward to recompute P) needs more than that:
  * 2^floor(t) p(r) with r = t - floor(t) in [0, 1) from one vreduceps (round down) and 2^floor(t)
  * applied by vscalefps straight from t (it takes the floor of its exponent operand), so no
- * n = t - r either: three uops besides the polynomial fewer than exp2_clamped. -inf gives r = 0
+ * n = t - r either: one uop besides the polynomial fewer than exp2_p6 (fa_exp2.h). -inf gives r = 0
  * and 2^-inf = 0 exactly, NaN stays NaN, t far below -150 gives 0. p: degree 5, relative-error
  * minimax for 2^r on [0, 1] (Lawson-weighted least squares on Chebyshev nodes) with p(0) = 1
  * and each coefficient rounded to float32 in turn, the rest refitted. Max relative error against

@@ -6,10 +6,8 @@
  * lives in one lane: max and sum over keys are vertical vector operations. Included only by
  * translation units compiled with AVX-512F.
  *
- * exp: 2^t with t = (x - m') log2(e), t clamped below at -200 (so -inf gives exactly 0), split
- * t = n + r with n = round(t), |r| <= 1/2; 2^r by a degree-6 polynomial fitted on [-1/2, 1/2]
- * (Chebyshev-node least squares; max relative error 9.7e-8 including float32 Horner rounding);
- * 2^n applied by vscalefps, which flushes exactly to 0 far below the normal range.
+ * exp: 2^t with t = (x - m') log2(e) by exp2_p6 (fa_exp2.h: degree 6, 9.7e-8 relative; -inf
+ * gives exactly 0).
  */
 #ifndef FA_FWD_AVX512_LANES_H
 #define FA_FWD_AVX512_LANES_H
@@ -25,6 +23,7 @@
 #include "fa_philox_avx512.h"
 #include "fa_cvt.h"
 #include "fa_t16.h"
+#include "fa_exp2.h"
 
 #define BR 64         /* queries per sub-block: NQV vectors of 16 lanes (the S^T row stride) */
 #define NQV (BR / 16)
@@ -34,36 +33,10 @@
 
 /* ---- exp ------------------------------------------------------------------------------------ */
 
-/* 2^r for |r| <= 1/2: the degree-6 polynomial of exp2_clamped below (Horner, float32 FMA). */
-INL __m512 exp2_poly6(__m512 r)
-{
-    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
-    return _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-}
-
-/* 2^t for t <= ~0 (clamped at -200, where the result underflows to 0 anyway), as 2^n p(t - n)
- * with n = round(t) and a degree-6 polynomial on [-1/2, 1/2]. n is taken by adding and subtracting
- * 1.5 * 2^23 (exact and round-to-nearest-even for |t| <= 2^22, which the clamp and t <= ~0
- * guarantee; +inf and NaN give NaN) rather than with vrndscaleps, two uops on port 0 next to
- * vscalefps: same bits, cheaper (measured in the AMX kernel, NOTES.md). */
-INL __m512 exp2_clamped(__m512 t)
-{
-    /* max(c, t) returns t when t is NaN, so NaN scores still poison the row as they should. */
-    const __m512 magic = _mm512_set1_ps(12582912.0f);
-    t = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);
-    __m512 n = _mm512_sub_ps(_mm512_add_ps(t, magic), magic);
-    return _mm512_scalef_ps(exp2_poly6(_mm512_sub_ps(t, n)), n);
-}
-
 /* e^(x - m) for x <= m (x = -inf gives 0). */
 INL __m512 exp_diff(__m512 x, __m512 m)
 {
-    return exp2_clamped(_mm512_mul_ps(_mm512_sub_ps(x, m), _mm512_set1_ps(LOG2E)));
+    return exp2_p6(_mm512_mul_ps(_mm512_sub_ps(x, m), _mm512_set1_ps(LOG2E)));
 }
 
 /* expm1(x) for x <= 0, accurate relative to the result even for tiny |x|: x = n ln2 + r, q =

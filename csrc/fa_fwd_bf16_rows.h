@@ -7,11 +7,11 @@
  * bf16 P in the A-tile layout of the P.V product (tile (query group g, key chunk c) = 16 rows of
  * 32 keys, a contiguous 1 KiB), so P is never stored as float32.
  *
- * exp of P (below, "exp for P"): float16 inputs (P kept to 16 bits) get exactly the values of
- * exp2_clamped of fa_fwd_avx512_lanes.h (the FMA kernel's), of t = (x sx - m) log2 e with the
- * bracket in one FMA (one rounding, where the lanes kernel rounds x sx first), on a cheaper
- * exponent split; bfloat16 inputs (P rounded to bf16) a degree-5 exp (1.7e-7) and, for rows with
- * a small shift, t in one FMA. The running max/sum updates (alpha) keep exp2_clamped.
+ * exp of P (below, "exp for P"): float16 inputs (P kept to 16 bits) get exp2_p6 (fa_exp2.h, the
+ * FMA kernel's exp) of t = (x sx - m) log2 e with the bracket in one FMA (one rounding, where the
+ * lanes kernel rounds x sx first); bfloat16 inputs (P rounded to bf16) a degree-5 exp (1.7e-7)
+ * and, for rows with a small shift, t in one FMA. The running max/sum updates (alpha) use
+ * exp2_p6 as well.
  * Only the columns [c0, c1) of a row's band enter its max and sum (P = 0 elsewhere), so a band
  * edge needs no extra pass. Without softcap, alibi, pse or mask, sx is the
  * scale and x the raw score, so no pass rewrites S; the row max is then taken on raw scores
@@ -134,28 +134,6 @@ static void rows_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int6
 }
 
 /* ---- exp for P ------------------------------------------------------------------------------ */
-
-/* 2^t = 2^n p(r) with n = round(t) (nearest even) and r = t - n in [-1/2, 1/2], both from one
- * vreduceps (AVX512DQ: r = t - round(t), exact) and n = t - r (exact). Where exp2_clamped needs
- * a clamp and the 1.5 * 2^23 add/subtract (four uops) this takes two, and it needs no clamp:
- * t = -inf gives r = 0, n = -inf and vscalefps(p, -inf) = 0 exactly; t far below -150 gives 0 as
- * well; NaN stays NaN (it poisons the row through the sum). For every t the same n and r as
- * exp2_clamped (which rounds to nearest even as well; below its -200 clamp both give 0). */
-INL __m512 exp2_split(__m512 t, __m512 *n)
-{
-    const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    *n = _mm512_sub_ps(t, r);
-    return r;
-}
-
-/* exp2_clamped's degree-6 polynomial on the split above: bit-identical results (max relative
- * error 9.7e-8, see fa_fwd_avx512_lanes.h); for float16 inputs, whose P keeps 16 bits and whose
- * errors stay those of the float32 path. */
-INL __m512 exp2_p6(__m512 t)
-{
-    __m512 n, r = exp2_split(t, &n);
-    return _mm512_scalef_ps(exp2_poly6(r), n);
-}
 
 /* |mu| bound below which the exponent is taken in one FMA, t = x (sx log2 e) - mu log2 e. Its
  * error against (x sx - mu) log2 e: the two rounded constants and the FMA give
