@@ -268,11 +268,18 @@ static inline void v_to_panels(fa_dtype t, const void *src, int64_t n, float *ro
                               _mm512_loadu_ps(row + c));
 }
 
+/* Offset in floats of the K panel holding key j in the packed copy: NPAN panels of QK_MR x d
+ * per BC-key block. */
+static int64_t k_panel_at(int64_t d, int64_t j)
+{
+    return (j / BC * NPAN + j % BC / QK_MR) * QK_MR * d;
+}
+
 /* Floats of the packed copy's K panels for sk keys (whole blocks of NPAN panels), rounded up
  * to whole vectors so that V's panels after them start on a cache line. */
 static int64_t packed_k_floats(int64_t d, int64_t sk)
 {
-    return DPAD((sk + BC - 1) / BC * NPAN * QK_MR * d);
+    return DPAD(k_panel_at(d, (sk + BC - 1) / BC * BC));
 }
 
 /* K panels and V panels in the packed copy, or else row pointers (f32 K), widened copies
@@ -287,7 +294,7 @@ static void block_rows(const fa_fwd_params *p, const fa_seq *s, int64_t hk, cons
     if (packed) {
         /* Contiguous panels and rows: the hardware prefetchers keep up on their own. Packed
          * blocks start at multiples of BC (the item aligns kmin). */
-        w->Kpan = packed + kb0 / BC * NPAN * QK_MR * d;
+        w->Kpan = packed + k_panel_at(d, kb0);
         w->Vpan = packed + packed_k_floats(d, s->sk) + kb0 * PV_MR;
         w->vps = s->sk * PV_MR;
         w->npf = 0;
@@ -340,10 +347,9 @@ void fa_fwd_f32__avx512_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, voi
     for (int64_t j0 = 0, n; j0 < s.sk; j0 += n) {
         /* keys j0.. of one panel: a block's last panel ends at the block end (or at sk), its
          * missing keys stored as zeros */
-        const int64_t b = j0 / BC, t = j0 % BC / QK_MR;
-        const int64_t end = (b + 1) * BC < s.sk ? (b + 1) * BC : s.sk;
+        const int64_t end = (j0 / BC + 1) * BC < s.sk ? (j0 / BC + 1) * BC : s.sk;
         n = end - j0 < QK_MR ? end - j0 : QK_MR;
-        float *pan = Kp + (b * NPAN + t) * QK_MR * d;
+        float *pan = Kp + k_panel_at(d, j0);
         __m512 r[16], o[16];
         for (int64_t i = 0; i < n; i++)
             widen_row(p->dtype, fa_key_ptr(p, &p->k, &s, j0 + i, hk, es), d, rows[i]);
@@ -360,8 +366,7 @@ void fa_fwd_f32__avx512_pack(const fa_fwd_params *p, int64_t bi, int64_t hk, voi
                         Vp + (j0 + i) * PV_MR, s.sk * PV_MR);
     }
     /* the last block's panels past sk (never read) and the vector padding: zeros, not garbage */
-    const int64_t last = s.sk - 1; /* the panel after last's */
-    const int64_t used = s.sk > 0 ? (last / BC * NPAN + last % BC / QK_MR + 1) * QK_MR * d : 0;
+    const int64_t used = s.sk > 0 ? k_panel_at(d, s.sk - 1) + QK_MR * d : 0; /* through sk - 1's */
     memset(Kp + used, 0, (size_t)(packed_k_floats(d, s.sk) - used) * sizeof(float));
 }
 
