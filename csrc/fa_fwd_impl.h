@@ -10,7 +10,9 @@
  *
  * One call computes a work item: FA_BR query rows of one (batch, head). Q rows are converted to
  * the accumulator type once; K blocks are packed transposed (d x FA_BC) and V blocks row-major
- * (FA_BC x dpad), zero-padded, so both micro-kernels run on aligned full vectors. For each key
+ * (FA_BC x dpad), zero-padded, so both micro-kernels run on aligned full vectors: once per
+ * (batch, kv head) by FA_NAME(pack) where the driver packs, else per block in the item's
+ * scratch. For each key
  * block that intersects any row's visible band:
  *   S = Q K^T               (micro-kernel qk_tile)
  *   S = mask(softcap(scale * (S + pse)) + alibi)  per row, keys outside [lo, hi) -> -inf
@@ -280,6 +282,36 @@ static void pack_v(const fa_fwd_params *p, const fa_seq *s, int64_t hk, int64_t 
             V[c * dp + k] = 0;
 }
 
+/* ---- the packed copy --------------------------------------------------------------------------- */
+
+/* The driver's copy of one (batch, kv head)'s K and V (fa_kernels.h), made once and read by every
+ * query block and GQA head: nb = ceil(sk / FA_BC) blocks of Kt (d x FA_BC each, as pack_k leaves
+ * them), then V as nb * FA_BC rows of dpad (as pack_v), keys past sk zero. Without it each item
+ * would transpose every K block it visits again (a fifth of the AVX2 forward's time at S = 2048,
+ * perf). */
+static int64_t packed_blocks(int64_t sk)
+{
+    return (sk + FA_BC - 1) / FA_BC;
+}
+
+size_t FA_NAME(pack_bytes)(const fa_fwd_params *p, int64_t sk)
+{
+    return (size_t)(packed_blocks(sk) * FA_BC * (p->d + DPAD(p->d))) * sizeof(acc_t);
+}
+
+void FA_NAME(pack)(const fa_fwd_params *p, int64_t bi, int64_t hk, void *dst)
+{
+    const fa_seq s = fa_seq_of(p, bi);
+    const int64_t d = p->d, nb = packed_blocks(s.sk);
+    acc_t *Kt = (acc_t *)dst, *V = Kt + nb * d * FA_BC;
+    acc_t tmp[512]; /* one K row; d <= 512 (validated) */
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t kb0 = b * FA_BC, nc = s.sk - kb0 < FA_BC ? s.sk - kb0 : FA_BC;
+        pack_k(p, &s, hk, kb0, nc, FA_BC, Kt + b * d * FA_BC, tmp);
+        pack_v(p, &s, hk, kb0, nc, FA_BC, V + kb0 * DPAD(d));
+    }
+}
+
 /* ---- scores of one row of one block ----------------------------------------------------------- */
 
 /* Turns the raw dot products S[0..ncp) of query row i against keys kb0.. into final scores:
@@ -394,12 +426,25 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
     for (int64_t k = 0; k < rows * dp; k++)
         w.O[k] = 0;
 
+    /* Packed blocks start at multiples of FA_BC: the first one may begin before some rows'
+     * bands, whose keys row_scores masks as in any partial block. Keys of a packed block past
+     * nc (up to ncp) are real keys outside every band (or zeros past sk): masked the same way. */
+    const acc_t *Kp = (const acc_t *)packed;
+    const acc_t *Vp = Kp ? Kp + packed_blocks(s.sk) * d * FA_BC : NULL;
+    if (Kp && kmin < kmax)
+        kmin = kmin / FA_BC * FA_BC;
     for (int64_t kb0 = kmin; kb0 < kmax; kb0 += FA_BC) {
         const int64_t nc = kmax - kb0 < FA_BC ? kmax - kb0 : FA_BC;
         const int64_t ncp = (nc + VLEN - 1) / VLEN * VLEN;
-        pack_k(p, &s, hk, kb0, nc, ncp, w.Kt, w.V);
-        pack_v(p, &s, hk, kb0, nc, ncp, w.V);
-        gemm_qk(w.Q, rows, d, w.Kt, ncp, w.S);
+        const acc_t *Kt = w.Kt, *V = w.V;
+        if (Kp) {
+            Kt = Kp + kb0 / FA_BC * d * FA_BC;
+            V = Vp + kb0 * dp;
+        } else {
+            pack_k(p, &s, hk, kb0, nc, ncp, w.Kt, w.V);
+            pack_v(p, &s, hk, kb0, nc, ncp, w.V);
+        }
+        gemm_qk(w.Q, rows, d, Kt, ncp, w.S);
         for (int64_t r = 0; r < rows; r++) {
             acc_t *Sr = w.S + r * FA_BC;
             int64_t c0 = 0, c1 = 0;
@@ -444,7 +489,7 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
             if (has_drop)
                 row_dropout(p, &s, h, q0 + r, kb0, c0, c1, Sr, thr);
         }
-        gemm_pv(w.S, rows, ncp, w.V, dp, w.O);
+        gemm_pv(w.S, rows, ncp, V, dp, w.O);
     }
 
     /* Normalize and write out, lse and the statistics. */

@@ -58,11 +58,20 @@ typedef struct {
                                        const void *, void *);                                     \
     size_t fa_fwd_f64__##isa##_scratch(const fa_fwd_params *);
 
+/* The K/V packing of a kernel (fa_fwd_impl.h's builds and the AVX-512 float32 kernel). */
+#define FA_DECLARE_PACK(name)                                                                      \
+    size_t name##_pack_bytes(const fa_fwd_params *, int64_t);                                      \
+    void name##_pack(const fa_fwd_params *, int64_t, int64_t, void *);
+
 FA_DECLARE_ISA(scalar)
 FA_DECLARE_ISA(avx2)
 FA_DECLARE_ISA(avx512)
-size_t fa_fwd_f32__avx512_pack_bytes(const fa_fwd_params *, int64_t);
-void fa_fwd_f32__avx512_pack(const fa_fwd_params *, int64_t, int64_t, void *);
+FA_DECLARE_PACK(fa_fwd_f32__scalar)
+FA_DECLARE_PACK(fa_fwd_f64__scalar)
+FA_DECLARE_PACK(fa_fwd_f32__avx2)
+FA_DECLARE_PACK(fa_fwd_f64__avx2)
+FA_DECLARE_PACK(fa_fwd_f32__avx512)
+FA_DECLARE_PACK(fa_fwd_f64__avx512)
 fa_status fa_fwd_bf16__amx_item(const fa_fwd_params *, int64_t, int64_t, int64_t, const void *,
                                 void *);
 size_t fa_fwd_bf16__amx_scratch(const fa_fwd_params *);
