@@ -55,14 +55,6 @@ _Static_assert(FA_MR <= 8, "the workspace pads 8 query rows");
 
 /* ---- the micro-kernel and the block GEMM ------------------------------------------------------ */
 
-/* x in every lane. fa_vec.h's vsplat adds x to a zero vector, which the compiler must keep (it
- * turns -0 into +0); a shuffle is a plain broadcast, one instruction from memory. */
-FA_INLINE vec_t bw_bcast(acc_t x)
-{
-    vec_t v = {x};
-    return __builtin_shuffle(v, (veci_t){0});
-}
-
 /* C[FA_MR x NV*VLEN] (+)= A[FA_MR x kn] . B[kn x NV*VLEN], A(r, k) = A[r*ars + k*aks]; without add,
  * C = mul (A . B) (the score scale applied as the tile is stored). The FA_MR x NV accumulators
  * stay in registers for the whole k loop: per k, NV vector loads of B and FA_MR broadcasts feed
@@ -83,7 +75,7 @@ FA_INLINE void bw_tile(const int NV, const int add, const acc_t *restrict A, int
         for (int v = 0; v < NV; v++)
             b[v] = vload(B + k * ldb + v * VLEN);
         for (int r = 0; r < FA_MR; r++) {
-            vec_t a = bw_bcast(A[r * ars + k * aks]);
+            vec_t a = vsplat(A[r * ars + k * aks]);
             for (int v = 0; v < NV; v++)
                 acc[r][v] += a * b[v];
         }

@@ -34,7 +34,14 @@ typedef acci_t veci_t __attribute__((vector_size(FA_VBYTES), aligned(sizeof(acc_
 
 FA_INLINE vec_t vload(const acc_t *p) { return *(const vec_t *)p; }
 FA_INLINE void vstore(acc_t *p, vec_t v) { *(vec_t *)p = v; }
-FA_INLINE vec_t vsplat(acc_t x) { return (vec_t){0} + x; }
+/* x in every lane: a shuffle of {x}, one broadcast (from memory, a plain load) where GCC's
+ * (vec_t){0} + x must keep the add, which turns -0 into +0: in the micro-kernels that add sat
+ * on the FMA ports in front of every broadcast (NOTES.md, seventh session). */
+FA_INLINE vec_t vsplat(acc_t x)
+{
+    vec_t v = {x};
+    return __builtin_shuffle(v, (veci_t){0});
+}
 
 FA_INLINE vec_t viota(void)
 {
