@@ -115,9 +115,11 @@ FA_INLINE acc_t load_one(fa_dtype t, const void *base, int64_t idx)
 
 /* ---- micro-kernels --------------------------------------------------------------------------- */
 
-/* S[FA_MR x NV*VLEN] = Q[FA_MR x d] . Kt[d x NV*VLEN]; Q row-major (ldq), Kt row-major (ldk). */
+/* S[FA_MR x NV*VLEN] = mul (Q[FA_MR x d] . Kt[d x NV*VLEN]); Q row-major (ldq), Kt row-major
+ * (ldk). mul is the score scale for plain scores (the same single rounding as row_scores' x * scale,
+ * one pass fewer), else 1. */
 FA_INLINE void qk_tile(const int NV, const acc_t *restrict Q, int64_t ldq, const acc_t *restrict Kt,
-                       int64_t ldk, int64_t d, acc_t *restrict S, int64_t lds)
+                       int64_t ldk, int64_t d, acc_t *restrict S, int64_t lds, acc_t mul)
 {
     vec_t acc[FA_MR][FA_NR];
     for (int r = 0; r < FA_MR; r++)
@@ -135,12 +137,14 @@ FA_INLINE void qk_tile(const int NV, const acc_t *restrict Q, int64_t ldq, const
     }
     for (int r = 0; r < FA_MR; r++)
         for (int v = 0; v < NV; v++)
-            vstore(S + r * lds + v * VLEN, acc[r][v]);
+            vstore(S + r * lds + v * VLEN, acc[r][v] * mul);
 }
 
-/* O[FA_MR x NV*VLEN] += P[FA_MR x nc] . V[nc x NV*VLEN]. */
+/* O[FA_MR x NV*VLEN] = alpha O + P[FA_MR x nc] . V[nc x NV*VLEN], alpha per row: the online
+ * softmax's rescale of O rides on the tile's store instead of a pass over O per row. */
 FA_INLINE void pv_tile(const int NV, const acc_t *restrict P, int64_t ldp, const acc_t *restrict V,
-                       int64_t ldv, int64_t nc, acc_t *restrict O, int64_t ldo)
+                       int64_t ldv, int64_t nc, acc_t *restrict O, int64_t ldo,
+                       const acc_t *restrict alpha)
 {
     /* Summed from zero and added to O once per block: a two-level summation, so the rounding
      * error grows with the block size plus the number of blocks, not the sequence length. */
@@ -158,9 +162,11 @@ FA_INLINE void pv_tile(const int NV, const acc_t *restrict P, int64_t ldp, const
                 acc[r][v] += pb * vv[v];
         }
     }
-    for (int r = 0; r < FA_MR; r++)
+    for (int r = 0; r < FA_MR; r++) {
+        const vec_t a = vsplat(alpha[r]);
         for (int v = 0; v < NV; v++)
-            vstore(O + r * ldo + v * VLEN, vload(O + r * ldo + v * VLEN) + acc[r][v]);
+            vstore(O + r * ldo + v * VLEN, vload(O + r * ldo + v * VLEN) * a + acc[r][v]);
+    }
 }
 
 /* Expand a call with a runtime vector count nv (1..FA_NR) into constant-count instances. */
@@ -172,32 +178,32 @@ FA_INLINE void pv_tile(const int NV, const acc_t *restrict P, int64_t ldp, const
     default: if (FA_NR >= 4) { CALL(4); } break;                                                   \
     }
 
-/* S[rows x ncp] = Q . Kt for rows a multiple of FA_MR and ncp a multiple of VLEN. */
+/* S[rows x ncp] = mul (Q . Kt) for rows a multiple of FA_MR and ncp a multiple of VLEN. */
 static void gemm_qk(const acc_t *Q, int64_t rows, int64_t d, const acc_t *Kt, int64_t ncp,
-                    acc_t *S)
+                    acc_t *S, acc_t mul)
 {
     for (int64_t c0 = 0; c0 < ncp; c0 += FA_NR * VLEN) {
         int nv = (int)((ncp - c0) / VLEN);
         if (nv > FA_NR)
             nv = FA_NR;
         for (int64_t r0 = 0; r0 < rows; r0 += FA_MR) {
-#define QK_CALL(N) qk_tile(N, Q + r0 * d, d, Kt + c0, FA_BC, d, S + r0 * FA_BC + c0, FA_BC)
+#define QK_CALL(N) qk_tile(N, Q + r0 * d, d, Kt + c0, FA_BC, d, S + r0 * FA_BC + c0, FA_BC, mul)
             FA_NV_SWITCH(nv, QK_CALL)
 #undef QK_CALL
         }
     }
 }
 
-/* O[rows x dpad] += P[rows x nc] . V[nc x dpad]. */
+/* O[rows x dpad] = alpha O + P[rows x nc] . V[nc x dpad], alpha per row. */
 static void gemm_pv(const acc_t *P, int64_t rows, int64_t nc, const acc_t *V, int64_t dpad,
-                    acc_t *O)
+                    acc_t *O, const acc_t *alpha)
 {
     for (int64_t c0 = 0; c0 < dpad; c0 += FA_NR * VLEN) {
         int nv = (int)((dpad - c0) / VLEN);
         if (nv > FA_NR)
             nv = FA_NR;
         for (int64_t r0 = 0; r0 < rows; r0 += FA_MR) {
-#define PV_CALL(N) pv_tile(N, P + r0 * FA_BC, FA_BC, V + c0, dpad, nc, O + r0 * dpad + c0, dpad)
+#define PV_CALL(N) pv_tile(N, P + r0 * FA_BC, FA_BC, V + c0, dpad, nc, O + r0 * dpad + c0, dpad, alpha + r0)
             FA_NV_SWITCH(nv, PV_CALL)
 #undef PV_CALL
         }
@@ -212,7 +218,7 @@ typedef struct {
     acc_t *V;  /* FA_BC x dpad */
     acc_t *S;  /* BRP x FA_BC */
     acc_t *O;  /* BRP x dpad */
-    acc_t *m, *l;
+    acc_t *m, *l, *alpha; /* per row: running max and sum, this block's rescale of O */
     int64_t *lo, *hi;
 } scratch;
 
@@ -223,7 +229,7 @@ static size_t scratch_bytes(int64_t d)
 {
     int64_t dp = DPAD(d);
     return FA_PIECE(BRP * d) + FA_PIECE(d * FA_BC) + FA_PIECE(FA_BC * dp) + FA_PIECE(BRP * FA_BC) +
-           FA_PIECE(BRP * dp) + 2 * FA_PIECE(BRP) + 2 * ((BRP * sizeof(int64_t) + 63) / 64 * 64);
+           FA_PIECE(BRP * dp) + 3 * FA_PIECE(BRP) + 2 * ((BRP * sizeof(int64_t) + 63) / 64 * 64);
 }
 
 static scratch carve(void *buf, int64_t d)
@@ -238,6 +244,7 @@ static scratch carve(void *buf, int64_t d)
     s.O = (acc_t *)p, p += FA_PIECE(BRP * dp);
     s.m = (acc_t *)p, p += FA_PIECE(BRP);
     s.l = (acc_t *)p, p += FA_PIECE(BRP);
+    s.alpha = (acc_t *)p, p += FA_PIECE(BRP);
     s.lo = (int64_t *)p, p += (BRP * sizeof(int64_t) + 63) / 64 * 64;
     s.hi = (int64_t *)p;
     return s;
@@ -394,6 +401,8 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
     scratch w = carve(buf, d);
     const int has_drop = p->dropout_p > 0;
     const uint64_t thr = fa_dropout_threshold(p->dropout_p);
+    /* Scores need nothing but the scale (applied by gemm_qk) and the band mask. */
+    const int plain = !p->pse && !(p->softcap > 0) && !p->alibi && !p->mask;
 
     /* Visible key range of the whole item. */
     int64_t kmin = INT64_MAX, kmax = 0;
@@ -444,10 +453,11 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
             pack_k(p, &s, hk, kb0, nc, ncp, w.Kt, w.V);
             pack_v(p, &s, hk, kb0, nc, ncp, w.V);
         }
-        gemm_qk(w.Q, rows, d, Kt, ncp, w.S);
+        gemm_qk(w.Q, rows, d, Kt, ncp, w.S, plain ? (acc_t)p->scale : (acc_t)1);
         for (int64_t r = 0; r < rows; r++) {
             acc_t *Sr = w.S + r * FA_BC;
             int64_t c0 = 0, c1 = 0;
+            w.alpha[r] = 1;
             if (r < nrows) {
                 c0 = (w.lo[r] > kb0 ? w.lo[r] : kb0) - kb0;
                 c1 = (w.hi[r] < kb0 + nc ? w.hi[r] : kb0 + nc) - kb0;
@@ -457,7 +467,15 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
                     Sr[c] = 0;
                 continue;
             }
-            row_scores(p, &s, h, q0 + r, kb0, ncp, c0, c1, Sr);
+            if (!plain) {
+                row_scores(p, &s, h, q0 + r, kb0, ncp, c0, c1, Sr);
+            } else if (c0 > 0 || c1 < ncp) { /* scaled by the GEMM: only the band edges left */
+                const vec_t iota = viota(), ninf = vsplat(-INFINITY);
+                for (int64_t c = 0; c < ncp; c += VLEN) {
+                    const vec_t col = iota + (acc_t)c;
+                    vstore(Sr + c, vsel((col >= (acc_t)c0) & (col < (acc_t)c1), vload(Sr + c), ninf));
+                }
+            }
             vec_t vm = vsplat(-INFINITY);
             for (int64_t c = 0; c < ncp; c += VLEN)
                 vm = vmax(vm, vload(Sr + c));
@@ -480,16 +498,11 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
             const acc_t alpha = sexp_nonpos(m_old - m_new);
             w.l[r] = w.l[r] * alpha + vhsum(vs);
             w.m[r] = m_new;
-            if (alpha != (acc_t)1) {
-                acc_t *Or = w.O + r * dp;
-                const vec_t va = vsplat(alpha);
-                for (int64_t k = 0; k < dp; k += VLEN)
-                    vstore(Or + k, vload(Or + k) * va);
-            }
+            w.alpha[r] = alpha; /* O's rescale, applied by gemm_pv's tile stores */
             if (has_drop)
                 row_dropout(p, &s, h, q0 + r, kb0, c0, c1, Sr, thr);
         }
-        gemm_pv(w.S, rows, ncp, V, dp, w.O);
+        gemm_pv(w.S, rows, ncp, V, dp, w.O, w.alpha);
     }
 
     /* Normalize and write out, lse and the statistics. */
@@ -526,7 +539,7 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
             const int64_t nc = kmax - kb0 < FA_BC ? kmax - kb0 : FA_BC;
             const int64_t ncp = (nc + VLEN - 1) / VLEN * VLEN;
             pack_k(p, &s, hk, kb0, nc, ncp, w.Kt, w.V);
-            gemm_qk(w.Q, rows, d, w.Kt, ncp, w.S);
+            gemm_qk(w.Q, rows, d, w.Kt, ncp, w.S, 1);
             for (int64_t r = 0; r < nrows; r++) {
                 acc_t *Sr = w.S + r * FA_BC;
                 int64_t c0 = (w.lo[r] > kb0 ? w.lo[r] : kb0) - kb0;
