@@ -118,11 +118,20 @@ def fwd_flop(b, hq, sq, sk, d, causal):
 # ----------------------------------------------------------------------------------------------
 # Libraries, machine line
 
-def load_libraries(threads):
-    """Import numpy and friends (after setting the BLAS thread count for the naive peer)."""
+# --isa avx2: what a machine without AVX-512 runs. ATen's own kernels follow ATEN_CPU_CAPABILITY,
+# but torch's GEMMs go through oneDNN and MKL, which pick their ISA themselves: all three are
+# capped, before torch is imported, so that torch's flash attention is AVX2 through and through.
+TORCH_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                          "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+
+
+def load_libraries(threads, isa=None):
+    """Import numpy and friends (after setting the BLAS thread count for the naive peer); with
+    isa, run ours on that kernel family and cap torch's ISA alike (TORCH_ISA_ENV)."""
     global np, fa, torch, F, BF16, testing
     if threads:
         os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+    os.environ.update(TORCH_ISA_ENV.get(isa, {}))
     # OpenBLAS's idle worker threads busy-wait 2^28 cycles (~0.13 s of CPU here, measured) after
     # every BLAS call: after each naive run they would spin through the next timed call (ours,
     # in the round order ours, torch, naive) and take one of the two CPUs from it. The shortest
@@ -147,6 +156,8 @@ def load_libraries(threads):
             time.sleep(60)
     else:
         raise SystemExit(f"cannot import flash_attn_c: {last}")
+    if isa:
+        fa.set_isa(isa)
     try:
         from flash_attn_c import testing as t
         testing = t
@@ -199,7 +210,8 @@ def machine_line(threads_text):
         f"(supported {'/'.join(info['supported'])}, compiled {'/'.join(info['compiled'])}), "
         f"{threads_text} threads",
         f"numpy {np.__version__}",
-        f"torch {torch.__version__ if torch is not None else 'not installed'}",
+        f"torch {torch.__version__ if torch is not None else 'not installed'}"
+        + (f" (ATen {torch.backends.cpu.get_cpu_capability()})" if torch is not None else ""),
         f"python {platform.python_version()}",
         datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     ]
@@ -1221,6 +1233,10 @@ def parse_args(argv):
     p.add_argument("--naive-limit-gib", type=float, default=4.0,
                    help="skip the naive peer where it would need more memory than this")
     p.add_argument("--no-peaks", action="store_true", help="skip the machine-peak probes")
+    p.add_argument("--isa", choices=["avx2", "avx512"],
+                   help="run ours on this kernel family and torch capped to the same ISA (ATen, "
+                        "oneDNN, MKL), with the FMA probe of that width: e.g. --isa avx2 "
+                        "--dtypes f32 for machines without AVX-512")
     args = p.parse_args(argv)
     args.argv = list(argv)
     mode = "quick" if args.quick else "full" if args.full else "default"
@@ -1247,7 +1263,7 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, mode = parse_args(argv)
-    load_libraries(args.threads)
+    load_libraries(args.threads, args.isa)
     m = MODES[mode]
     threads = args.threads or fa.get_num_threads()
     set_threads(threads)
@@ -1266,7 +1282,7 @@ def main(argv=None):
     else:
         sys.path.insert(0, HERE)
         from peaks import Probes
-        probes = Probes()
+        probes = Probes(fma_isa=args.isa)
     peaks = Peaks(probes, m["probe_s"])
     try:
         if not args.scaling:

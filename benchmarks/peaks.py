@@ -62,9 +62,11 @@ def llc_bytes():
 class Probes:
     """Compiled probes. `notes` says what was skipped and why; `available` lists what loaded."""
 
-    def __init__(self):
+    def __init__(self, fma_isa=None):
+        """fma_isa: the FMA probe to use ('avx2' or 'avx512'); default the widest that loads."""
         self.notes = []
         self.libs = {}
+        self._fma_isa = fma_isa
         self._tmp = None
         gcc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("gcc")
         if gcc is None:
@@ -104,7 +106,9 @@ class Probes:
         return sorted(self.libs)
 
     def fma_isa(self):
-        """'avx512' or 'avx2' (the widest FMA probe that loaded), or None."""
+        """'avx512' or 'avx2' (the one asked for, else the widest FMA probe that loaded), or None."""
+        if self._fma_isa is not None:
+            return self._fma_isa if self._fma_isa in self.libs else None
         return next((n for n in ("avx512", "avx2") if n in self.libs), None)
 
     def fma_gflops(self, threads, min_seconds=0.2, reps=3):
