@@ -16,7 +16,7 @@ asan:
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 $(PY) -m pytest -q -x -p no:cacheprovider \
 	  tests/test_flash_attn.py tests/test_errors.py tests/test_backward.py tests/test_decode.py \
 	  tests/test_amx_blocks.py tests/test_dropout_stream.py tests/test_backward_panels.py \
-	  tests/test_workspace.py
+	  tests/test_workspace.py tests/test_forward_isa.py
 	$(PY) setup.py build_ext --inplace --force
 
 bench:
