@@ -30,7 +30,7 @@ static const fa_isa_table tables[FA_ISA_COUNT] = {
                        {fa_fwd_f64__scalar_item, fa_fwd_f64__scalar_scratch, FA_FWD_BLOCK_ROWS,
                         fa_fwd_f64__scalar_pack_bytes, fa_fwd_f64__scalar_pack}},
     [FA_ISA_AVX2] = {"avx2",
-                     {fa_fwd_f32__avx2_item, fa_fwd_f32__avx2_scratch, FA_FWD_BLOCK_ROWS,
+                     {fa_fwd_f32__avx2_item, fa_fwd_f32__avx2_scratch, FA_FWD_F32_AVX2_ROWS,
                       fa_fwd_f32__avx2_pack_bytes, fa_fwd_f32__avx2_pack},
                      {fa_fwd_f64__avx2_item, fa_fwd_f64__avx2_scratch, FA_FWD_BLOCK_ROWS,
                       fa_fwd_f64__avx2_pack_bytes, fa_fwd_f64__avx2_pack}},

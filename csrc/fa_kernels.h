@@ -14,6 +14,9 @@
 /* Query rows per work item of the AVX-512 float32 kernel: four 64-row sub-blocks share each K/V
  * block fetched, which quarters the K/V traffic per flop. */
 #define FA_FWD_F32_AVX512_ROWS 256
+/* Query rows per work item of the AVX2 float32 forward (fa_fwd__avx2.c): each K/V block brought
+ * from L3 serves 256 rows (1.03-1.06x over 128, which was 1.04x over 64; NOTES.md). */
+#define FA_FWD_F32_AVX2_ROWS 256
 /* Query rows per work item of the decode kernel (fa_decode__avx512.c): calls whose sequences have
  * at most this many queries (decoding, GQA-folded decoding, short speculative steps). */
 #define FA_DECODE_ROWS 16
