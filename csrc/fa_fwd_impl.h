@@ -116,8 +116,8 @@ FA_INLINE acc_t load_one(fa_dtype t, const void *base, int64_t idx)
 /* ---- micro-kernels --------------------------------------------------------------------------- */
 
 /* S[FA_MR x NV*VLEN] = mul (Q[FA_MR x d] . Kt[d x NV*VLEN]); Q row-major (ldq), Kt row-major
- * (ldk). mul is the score scale for plain scores (the same single rounding as row_scores' x * scale,
- * one pass fewer), else 1. */
+ * (ldk). mul is the score scale for plain scores (the same single rounding as row_scores'
+ * x * scale, one pass fewer), else 1. */
 FA_INLINE void qk_tile(const int NV, const acc_t *restrict Q, int64_t ldq, const acc_t *restrict Kt,
                        int64_t ldk, int64_t d, acc_t *restrict S, int64_t lds, acc_t mul)
 {
@@ -203,7 +203,8 @@ static void gemm_pv(const acc_t *P, int64_t rows, int64_t nc, const acc_t *V, in
         if (nv > FA_NR)
             nv = FA_NR;
         for (int64_t r0 = 0; r0 < rows; r0 += FA_MR) {
-#define PV_CALL(N) pv_tile(N, P + r0 * FA_BC, FA_BC, V + c0, dpad, nc, O + r0 * dpad + c0, dpad, alpha + r0)
+#define PV_CALL(N)                                                                                 \
+    pv_tile(N, P + r0 * FA_BC, FA_BC, V + c0, dpad, nc, O + r0 * dpad + c0, dpad, alpha + r0)
             FA_NV_SWITCH(nv, PV_CALL)
 #undef PV_CALL
         }
@@ -289,7 +290,7 @@ static void pack_v(const fa_fwd_params *p, const fa_seq *s, int64_t hk, int64_t 
             V[c * dp + k] = 0;
 }
 
-/* ---- the packed copy --------------------------------------------------------------------------- */
+/* ---- the packed copy ------------------------------------------------------------------------- */
 
 /* The driver's copy of one (batch, kv head)'s K and V (fa_kernels.h), made once and read by every
  * query block and GQA head: nb = ceil(sk / FA_BC) blocks of Kt (d x FA_BC each, as pack_k leaves
@@ -473,7 +474,8 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
                 const vec_t iota = viota(), ninf = vsplat(-INFINITY);
                 for (int64_t c = 0; c < ncp; c += VLEN) {
                     const vec_t col = iota + (acc_t)c;
-                    vstore(Sr + c, vsel((col >= (acc_t)c0) & (col < (acc_t)c1), vload(Sr + c), ninf));
+                    const veci_t in = (col >= (acc_t)c0) & (col < (acc_t)c1);
+                    vstore(Sr + c, vsel(in, vload(Sr + c), ninf));
                 }
             }
             vec_t vm = vsplat(-INFINITY);
