@@ -323,16 +323,16 @@ void FA_NAME(pack)(const fa_fwd_params *p, int64_t bi, int64_t hk, void *dst)
 /* ---- scores of one row of one block ----------------------------------------------------------- */
 
 /* Turns the raw dot products S[0..ncp) of query row i against keys kb0.. into final scores:
- * pse, scale, softcap, alibi, explicit mask; keys outside [c0, c1) become -inf. */
+ * pse, scale, softcap, alibi, explicit mask; keys outside [c0, c1) become -inf. scale is the
+ * score scale, or 1 for scores gemm_qk already scaled. */
 static void row_scores(const fa_fwd_params *p, const fa_seq *s, int64_t h, int64_t i, int64_t kb0,
-                       int64_t ncp, int64_t c0, int64_t c1, acc_t *S)
+                       int64_t ncp, int64_t c0, int64_t c1, acc_t scale, acc_t *S)
 {
     if (p->pse && !p->pse_after_scale) {
         const int64_t base = s->q_batch * p->pse_sb + h * p->pse_sh + i * p->pse_sr;
         for (int64_t c = c0; c < c1; c++)
             S[c] += load_one(p->pse_dtype, p->pse, base + (kb0 + c) * p->pse_sc);
     }
-    const acc_t scale = (acc_t)p->scale;
     const int softcap = p->softcap > 0;
     const acc_t cap = (acc_t)p->softcap, inv_cap = (acc_t)(1.0 / p->softcap);
     const int alibi = p->alibi != NULL;
@@ -468,16 +468,10 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
                     Sr[c] = 0;
                 continue;
             }
-            if (!plain) {
-                row_scores(p, &s, h, q0 + r, kb0, ncp, c0, c1, Sr);
-            } else if (c0 > 0 || c1 < ncp) { /* scaled by the GEMM: only the band edges left */
-                const vec_t iota = viota(), ninf = vsplat(-INFINITY);
-                for (int64_t c = 0; c < ncp; c += VLEN) {
-                    const vec_t col = iota + (acc_t)c;
-                    const veci_t in = (col >= (acc_t)c0) & (col < (acc_t)c1);
-                    vstore(Sr + c, vsel(in, vload(Sr + c), ninf));
-                }
-            }
+            /* Plain scores left the GEMM scaled: only rows with a band edge in the block are
+             * left to mask (a scale of 1 is exact). */
+            if (!plain || c0 > 0 || c1 < ncp)
+                row_scores(p, &s, h, q0 + r, kb0, ncp, c0, c1, plain ? 1 : (acc_t)p->scale, Sr);
             vec_t vm = vsplat(-INFINITY);
             for (int64_t c = 0; c < ncp; c += VLEN)
                 vm = vmax(vm, vload(Sr + c));
@@ -540,15 +534,19 @@ fa_status FA_NAME(item)(const fa_fwd_params *p, int64_t bi, int64_t h, int64_t q
         for (int64_t kb0 = kmin; kb0 < kmax; kb0 += FA_BC) {
             const int64_t nc = kmax - kb0 < FA_BC ? kmax - kb0 : FA_BC;
             const int64_t ncp = (nc + VLEN - 1) / VLEN * VLEN;
-            pack_k(p, &s, hk, kb0, nc, ncp, w.Kt, w.V);
-            gemm_qk(w.Q, rows, d, w.Kt, ncp, w.S, 1);
+            const acc_t *Kt = w.Kt;
+            if (Kp)
+                Kt = Kp + kb0 / FA_BC * d * FA_BC;
+            else
+                pack_k(p, &s, hk, kb0, nc, ncp, w.Kt, w.V);
+            gemm_qk(w.Q, rows, d, Kt, ncp, w.S, 1);
             for (int64_t r = 0; r < nrows; r++) {
                 acc_t *Sr = w.S + r * FA_BC;
                 int64_t c0 = (w.lo[r] > kb0 ? w.lo[r] : kb0) - kb0;
                 int64_t c1 = (w.hi[r] < kb0 + nc ? w.hi[r] : kb0 + nc) - kb0;
                 if (c0 >= c1 || !(w.l[r] > 0))
                     continue;
-                row_scores(p, &s, h, q0 + r, kb0, ncp, c0, c1, Sr);
+                row_scores(p, &s, h, q0 + r, kb0, ncp, c0, c1, (acc_t)p->scale, Sr);
                 for (int64_t c = c0; c < c1; c++)
                     Sr[c] = sexp_nonpos(Sr[c] - w.m[r]) / w.l[r];
                 float *out = p->s_dmask + s.bi * p->sd_sb + h * p->sd_sh + (q0 + r) * p->sd_sr;
