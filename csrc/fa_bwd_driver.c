@@ -28,14 +28,18 @@
  *
  * Chunks: pass 2 has batch * kv heads * nch items. nch grows as batch * kv heads shrinks, so that
  * one long sequence with few heads still yields at least FA_BWD_MIN_ITEMS items for the cores,
- * while many heads use one chunk (no extra partial sums). nch depends on the problem only, never
- * on the thread count, which keeps the dQ summation order, and so the bits, fixed. Chunk c takes
- * key blocks c, c + nch, ..., which spreads a causal band's cost evenly over the chunks.
+ * while many heads use one chunk (no extra partial sums). On a machine with many processors it
+ * also offers two items per processor, with at most FA_BWD_PROC_CHUNKS chunks from that rule
+ * (bwd_chunks). nch depends on the problem and on the processors the process may use (counted
+ * once), never on the thread count, which keeps the dQ summation order, and so the bits, fixed for
+ * every thread count on a machine (as the kernel family does already). Chunk c takes key blocks c,
+ * c + nch, ..., which spreads a causal band's cost evenly over the chunks.
  *
  * The kernel family follows the forward's selection (fa_isa_selected). bf16 inputs on AMX take the
  * tile kernel (fa_bwd_bf16__amx.c, its own workspace layout); every other dtype on a family without
  * a backward build of its own (AMX) uses the best one below it.
  */
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,6 +51,9 @@
 #ifndef FA_BWD_MIN_ITEMS /* overridable for experiments: -DFA_BWD_MIN_ITEMS=n */
 #define FA_BWD_MIN_ITEMS 16
 #endif
+/* The most chunks the per-processor rule asks for: each chunk adds a full set of dQ partial sums
+ * (memory, zeroing, one more term in the dq pass; for float32 past the budget, more panels). */
+#define FA_BWD_PROC_CHUNKS 4
 
 /* fa_bwd_impl.h's kernels pack K/V in their dkdv items: no packk. */
 #define BWD_KERNEL_NOPACK(name)                                                                    \
@@ -114,7 +121,41 @@ static int64_t pairs(const fa_fwd_params *p, const fa_seq *s, int64_t q0, int64_
 static size_t panel_budget = (size_t)48 << 20;
 
 /* What the last call did (fa_bwd_last_plan): written once per call, for tests and tuning. */
-static int64_t last_panels, last_panel_rows, last_ws_bytes;
+static int64_t last_panels, last_panel_rows, last_ws_bytes, last_chunks;
+
+/* Processors for the chunk rule: 0 until counted (omp_get_num_procs, once per process), or what
+ * fa_bwd_set_procs gave (tests and tuning). */
+static int64_t bwd_procs;
+
+int64_t fa_bwd_set_procs(int64_t n)
+{
+    return __atomic_exchange_n(&bwd_procs, n, __ATOMIC_RELAXED);
+}
+
+static int64_t procs(void)
+{
+    int64_t n = __atomic_load_n(&bwd_procs, __ATOMIC_RELAXED);
+    if (n < 1) {
+        n = omp_get_num_procs();
+        n = n < 1 ? 1 : n;
+        __atomic_store_n(&bwd_procs, n, __ATOMIC_RELAXED);
+    }
+    return n;
+}
+
+/* Chunks per (batch, kv head) for the dkdv pass (see the header). 16 equal items on 16 threads
+ * leave nothing to balance: the lent 16-processor machine ran the T1 backward (b1, h16) 15-19%
+ * faster with 2-4 chunks at 16 threads, while the extra partial sums cost 1-5% at 1-2 threads
+ * (NOTES.md, eighth session); two items per processor takes the first only where there are
+ * many processors. */
+static int64_t bwd_chunks(const fa_fwd_params *f, int64_t max_kb)
+{
+    const int64_t bh = f->b * f->hk;
+    int64_t nch = (FA_BWD_MIN_ITEMS + bh - 1) / bh, per = (2 * procs() + bh - 1) / bh;
+    per = per < FA_BWD_PROC_CHUNKS ? per : FA_BWD_PROC_CHUNKS;
+    nch = nch > per ? nch : per;
+    return nch < max_kb ? nch : max_kb;
+}
 
 size_t fa_bwd_set_panel_budget(size_t bytes)
 {
@@ -123,8 +164,9 @@ size_t fa_bwd_set_panel_budget(size_t bytes)
 
 size_t fa_bwd_panel_budget(void) { return __atomic_load_n(&panel_budget, __ATOMIC_RELAXED); }
 
-void fa_bwd_last_plan(int64_t *panels, int64_t *panel_rows, int64_t *ws_bytes)
+void fa_bwd_last_plan(int64_t *panels, int64_t *panel_rows, int64_t *ws_bytes, int64_t *chunks)
 {
+    *chunks = __atomic_load_n(&last_chunks, __ATOMIC_RELAXED);
     *panels = __atomic_load_n(&last_panels, __ATOMIC_RELAXED);
     *panel_rows = __atomic_load_n(&last_panel_rows, __ATOMIC_RELAXED);
     *ws_bytes = __atomic_load_n(&last_ws_bytes, __ATOMIC_RELAXED);
@@ -187,8 +229,7 @@ fa_status fa_bwd(const fa_bwd_params *p)
     }
     if (nq + nkb == 0)
         return FA_OK;
-    int64_t nch = (FA_BWD_MIN_ITEMS + f->b * f->hk - 1) / (f->b * f->hk);
-    nch = nch < max_kb ? nch : max_kb;
+    const int64_t nch = bwd_chunks(f, max_kb);
     const int64_t nk = f->b * f->hk * nch;
 
     /* Workspace sizes, in accumulators: Q, dO and dQ partials for the first (largest) panel. */
@@ -242,6 +283,7 @@ fa_status fa_bwd(const fa_bwd_params *p)
     __atomic_store_n(&last_panels, (max_sq + pn - 1) / pn > 1 ? (max_sq + pn - 1) / pn : 1, __ATOMIC_RELAXED);
     __atomic_store_n(&last_panel_rows, pn, __ATOMIC_RELAXED);
     __atomic_store_n(&last_ws_bytes, (int64_t)ws_bytes, __ATOMIC_RELAXED);
+    __atomic_store_n(&last_chunks, nch, __ATOMIC_RELAXED);
     volatile int failed = FA_OK;
     int64_t p0 = 0;
     do {

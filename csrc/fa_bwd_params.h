@@ -77,9 +77,12 @@ fa_status fa_bwd(const fa_bwd_params *p);
  * Process-wide (flash_attn_c.set_backward_workspace_budget). */
 size_t fa_bwd_set_panel_budget(size_t bytes);
 size_t fa_bwd_panel_budget(void);
-/* The last call's plan: query panels, positions per panel, workspace bytes asked for (tests and
- * tuning). */
-void fa_bwd_last_plan(int64_t *panels, int64_t *panel_rows, int64_t *ws_bytes);
+/* The last call's plan: query panels, positions per panel, workspace bytes asked for, chunks of
+ * key blocks per (batch, kv head) (tests and tuning). */
+void fa_bwd_last_plan(int64_t *panels, int64_t *panel_rows, int64_t *ws_bytes, int64_t *chunks);
+/* The processor count the chunk rule assumes (fa_bwd_driver.c): n >= 1 sets it, 0 returns to the
+ * machine's; returns the previous setting (0: not yet counted). For tests and tuning. */
+int64_t fa_bwd_set_procs(int64_t n);
 
 /* ---- per-ISA entry points (fa_bwd_impl.h) ---- */
 

@@ -216,6 +216,30 @@ def test_threads_bitwise_identical(c):
         assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("dname", ["f32", "bf16"])
+def test_chunks_follow_the_processor_count(dname):
+    """The dkdv pass offers two items per processor, up to 4 chunks of key blocks per (batch, kv
+    head), on top of its 16-item floor (fa_bwd_driver.c, bwd_chunks). With the count pinned, the
+    plan reports the chunks, the gradients pass the reference and 1, 2 and 3 threads agree bit for
+    bit. b * hk = 8 here: 16 items need 2 chunks, 2 x 24 processors 6 (capped at 4)."""
+    c = (2, 150, 333, 4, 4, 48, True, (-1, -1), 0.0, False, 0.0)
+    expect = {1: 2, 8: 2, 12: 3, 24: 4}
+    try:
+        for procs, chunks in expect.items():
+            _core._C._bwd_set_procs(procs)
+            check_case(c, dname)
+            assert _core._C._bwd_last_plan()["chunks"] == chunks, procs
+        results = []
+        for threads in (1, 2, 3):
+            with using_threads(threads):
+                _, out, grads, _ = run_case(c, DTYPES[dname], seed=3)
+            assert _core._C._bwd_last_plan()["chunks"] == 4
+            results.append([g.tobytes() for g in grads])
+        assert results[0] == results[1] == results[2]
+    finally:
+        _core._C._bwd_set_procs(0)
+
+
 # Shapes around the AMX bf16 kernel's 128 x 64 blocks and 32-wide tiles (fa_bwd_bf16__amx.c):
 # ragged last blocks on both sides, d not a multiple of 32 or of 16, several dQ chunks (few kv
 # heads), GQA groups, and every score feature.

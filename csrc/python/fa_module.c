@@ -1016,10 +1016,24 @@ static PyObject *py_bwd_panel_budget(PyObject *self, PyObject *unused)
 static PyObject *py_bwd_last_plan(PyObject *self, PyObject *unused)
 {
     (void)self, (void)unused;
-    int64_t panels, rows, bytes;
-    fa_bwd_last_plan(&panels, &rows, &bytes);
-    return Py_BuildValue("{s:L,s:L,s:L}", "panels", (long long)panels, "panel_rows", (long long)rows,
-                         "workspace_bytes", (long long)bytes);
+    int64_t panels, rows, bytes, chunks;
+    fa_bwd_last_plan(&panels, &rows, &bytes, &chunks);
+    return Py_BuildValue("{s:L,s:L,s:L,s:L}", "panels", (long long)panels, "panel_rows",
+                         (long long)rows, "workspace_bytes", (long long)bytes, "chunks",
+                         (long long)chunks);
+}
+
+static PyObject *py_bwd_set_procs(PyObject *self, PyObject *args)
+{
+    (void)self;
+    long long n;
+    if (!PyArg_ParseTuple(args, "L", &n))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "_bwd_set_procs: n must be >= 0 (0: the machine's count)");
+        return NULL;
+    }
+    return PyLong_FromLongLong((long long)fa_bwd_set_procs((int64_t)n));
 }
 
 static PyObject *py_release_workspace(PyObject *self, PyObject *unused)
@@ -1082,7 +1096,11 @@ static PyMethodDef methods[] = {
     {"_bwd_panel_budget", py_bwd_panel_budget, METH_NOARGS,
      "Bytes of backward workspace before query panels."},
     {"_bwd_last_plan", py_bwd_last_plan, METH_NOARGS,
-     "The last backward's query panels, positions per panel and workspace bytes (testing)."},
+     "The last backward's query panels, positions per panel, workspace bytes and key-block chunks "
+     "(testing)."},
+    {"_bwd_set_procs", py_bwd_set_procs, METH_VARARGS,
+     "Set the processor count the backward's chunk rule assumes (0: the machine's); returns the "
+     "previous setting (testing and tuning)."},
     {"release_workspace", py_release_workspace, METH_NOARGS,
      "Free the workspace buffers kept between calls; returns the bytes freed."},
     {"workspace_cached", py_workspace_cached, METH_NOARGS, "Bytes of workspace kept between calls."},
