@@ -13,16 +13,18 @@
 
 #include <immintrin.h>
 
+#include "fa_exp2_coef.h"
+
 /* 2^r for |r| <= 1/2 (Horner, float32 FMA). */
 static inline __attribute__((always_inline)) __m512 exp2_poly6(__m512 r)
 {
-    __m512 y = _mm512_set1_ps(1.5337577497120947e-04f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3399859890341759e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6185198053717613e-03f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5503290146589279e-02f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022646248340607e-01f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718246459961e-01f));
-    return _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    __m512 y = _mm512_set1_ps(FA_EXP2_C6);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP2_C5));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP2_C4));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP2_C3));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP2_C2));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP2_C1));
+    return _mm512_fmadd_ps(y, r, _mm512_set1_ps(FA_EXP2_C0));
 }
 
 /* 2^t for t <= ~0. r = t - round(t) comes exact from one vreduceps and n = t - r is exact, so

@@ -17,6 +17,7 @@
 
 #include <stdint.h>
 #include <string.h>
+#include "fa_exp2_coef.h" /* the AVX2 float32 exp's polynomial */
 #if defined(__AVX__)
 #include <immintrin.h> /* vmax */
 #endif
@@ -130,13 +131,13 @@ FA_INLINE vec_t vexp_nonpos(vec_t x)
     const vec_t t = x * 1.44269504088896341f;
     const vec_t u = t + magic;
     const vec_t r = t - (u - magic); /* u - magic = n exactly */
-    vec_t y = vsplat(1.5337577497120947e-04f);
-    y = y * r + 1.3399859890341759e-03f;
-    y = y * r + 9.6185198053717613e-03f;
-    y = y * r + 5.5503290146589279e-02f;
-    y = y * r + 2.4022646248340607e-01f;
-    y = y * r + 6.9314718246459961e-01f;
-    y = y * r + 1.0f;
+    vec_t y = vsplat(FA_EXP2_C6);
+    y = y * r + FA_EXP2_C5;
+    y = y * r + FA_EXP2_C4;
+    y = y * r + FA_EXP2_C3;
+    y = y * r + FA_EXP2_C2;
+    y = y * r + FA_EXP2_C1;
+    y = y * r + FA_EXP2_C0;
     y = y * (vec_t)((veci_t)u << 23); /* 2^n: n + 127 in the exponent field */
     return (vec_t)((veci_t)y & ~under);
 }
